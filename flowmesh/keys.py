@@ -1,0 +1,67 @@
+"""Every Redis key FlowMesh reads or writes, in one place.
+
+The README's "Redis key schema" section documents exactly these names. A prefix
+(`REDIS_KEY_PREFIX`, empty by default) lets two fleets share one Redis database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowmesh.status import TaskStatus
+
+# Consumer-group names. One group per inbox (the worker that owns it) and one on
+# the events stream (every orchestrator replica reads through it).
+INBOX_GROUP = "worker"
+EVENTS_GROUP = "orchestrator"
+
+
+def heartbeat_ttl(interval_sec: float) -> int:
+    """The seed README's rule: the heartbeat key outlives four missed beats, and two minutes."""
+    return max(int(interval_sec * 4), 120)
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = ""
+
+    # -- workers ---------------------------------------------------------------
+    @property
+    def worker_ids(self) -> str:
+        return f"{self.prefix}workers:ids"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}:heartbeat"
+
+    def worker_tasks(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}:tasks"
+
+    def inbox(self, topic: str, worker_id: str) -> str:
+        return f"{self.prefix}{topic}:inbox:{worker_id}"
+
+    # -- tasks -----------------------------------------------------------------
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    @property
+    def task_seq(self) -> str:
+        return f"{self.prefix}tasks:seq"
+
+    @property
+    def tasks_all(self) -> str:
+        return f"{self.prefix}tasks:all"
+
+    def tasks_by_status(self, status: TaskStatus | str) -> str:
+        return f"{self.prefix}tasks:status:{TaskStatus(status).value}"
+
+    @property
+    def pending_queue(self) -> str:
+        return f"{self.prefix}tasks:pending"
+
+    # -- events ----------------------------------------------------------------
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"

@@ -1,0 +1,207 @@
+"""The task spec (YAML or JSON), validated with pydantic; errors name the field path.
+
+Field names follow the design contract: camelCase at the spec's top level
+(`taskType`, `timeoutSec`, `maxAttempts`), snake_case inside executor sections
+(`inference.max_tokens`). Unknown fields are rejected, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+# Task types the design contract names. A worker may offer more through plugins;
+# the orchestrator accepts those too once a worker advertises them.
+CATALOG_TASK_TYPES = (
+    "echo", "inference", "sft", "lora_sft", "dpo", "ppo", "rag", "agent", "vl_grounding", "video",
+)
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+    "ti": 2**40, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any) -> Any:
+    """'16Gi', '80GB', '512Mi' or a plain number of bytes -> int bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 16Gi, 80GB or a number of bytes")
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ValueError(
+            f"cannot read {value!r} as a size; use e.g. 16Gi, 80GB, 512Mi or a number of bytes"
+        )
+    return value
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuRequest(StrictModel):
+    count: int = Field(0, ge=0, le=64)
+    type: str | None = Field(None, description="Substring of the GPU name, e.g. H100")
+    memory: Bytes | None = Field(None, description="VRAM per GPU, e.g. 40Gi")
+
+
+class HardwareRequest(StrictModel):
+    cpu: float | None = Field(None, ge=0, le=4096, description="CPU cores")
+    memory: Bytes | None = Field(None, description="RAM, e.g. 16Gi")
+    gpu: GpuRequest = GpuRequest()
+
+
+class Resources(StrictModel):
+    replicas: int = Field(1, ge=1, le=1, description="Only 1 is supported for now")
+    hardware: HardwareRequest = HardwareRequest()
+    tags: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
+class ModelSource(StrictModel):
+    identifier: str = Field(min_length=1, max_length=1024, description="Hub id or local path")
+    revision: str | None = None
+
+
+class ModelSpec(StrictModel):
+    source: ModelSource
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    vllm: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(StrictModel):
+    type: Literal["list"] = "list"
+    items: list[Any] = Field(default_factory=list, max_length=100_000)
+
+
+class InferenceOptions(StrictModel):
+    max_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    system_prompt: str | None = None
+    batch_size: int = Field(8, ge=1, le=4096)
+    seed: int | None = None
+
+
+class EchoOptions(StrictModel):
+    delaySec: float = Field(0.0, ge=0, le=86_400)
+    message: Any = None
+
+
+class OutputDestination(StrictModel):
+    type: Literal["local", "http"] = "local"
+    path: str | None = None
+    url: str | None = None
+
+
+class OutputSpec(StrictModel):
+    destination: OutputDestination = OutputDestination()
+    artifacts: list[str] = Field(default_factory=list)
+
+
+class TaskBody(StrictModel):
+    taskType: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$")
+    resources: Resources = Resources()
+    model: ModelSpec | None = None
+    data: DataSpec | None = None
+    inference: InferenceOptions | None = None
+    echo: EchoOptions | None = None
+    # Sections owned by executors of later stages (training, checkpoints); their
+    # executors validate them at submit time through `Executor.validate_spec`.
+    training: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    output: OutputSpec | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    timeoutSec: float | None = Field(None, gt=0, le=7 * 86_400)
+    maxAttempts: int = Field(3, ge=1, le=100)
+
+
+class Metadata(StrictModel):
+    name: str | None = Field(None, max_length=253)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class TaskSpec(StrictModel):
+    apiVersion: Literal["flowmesh/v1"] = "flowmesh/v1"
+    kind: Literal["Task"] = "Task"
+    metadata: Metadata = Metadata()
+    spec: TaskBody
+
+
+class SpecError(ValueError):
+    """A spec that cannot be accepted; `problems` are (field path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {msg}" if path else msg for path, msg in problems))
+
+
+def _path(loc: tuple[Any, ...], prefix: str) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_task(document: Any, prefix: str = "") -> TaskSpec:
+    """Validate one decoded YAML/JSON document; raise SpecError naming each bad field."""
+    if not isinstance(document, dict):
+        where = prefix or "body"
+        raise SpecError([(where, f"expected a task spec object, got {type(document).__name__}")])
+    try:
+        return TaskSpec.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            problems.append((_path(loc, prefix), err["msg"]))
+        raise SpecError(problems) from None
+
+
+# -- what the scheduler needs of a spec -------------------------------------------------
+
+class Requirements(BaseModel):
+    """The placement-relevant part of a spec; hashable, so equal needs share one queue."""
+
+    model_config = ConfigDict(frozen=True)
+
+    executor: str
+    cpu: float = 0.0
+    memory: int = 0
+    gpu_count: int = 0
+    gpu_type: str | None = None
+    gpu_memory: int = 0
+    tags: tuple[str, ...] = ()
+    model: str | None = None
+
+    @classmethod
+    def of(cls, body: TaskBody) -> Requirements:
+        hw = body.resources.hardware
+        return cls(
+            executor=body.taskType,
+            cpu=hw.cpu or 0.0,
+            memory=hw.memory or 0,
+            gpu_count=hw.gpu.count,
+            gpu_type=hw.gpu.type,
+            gpu_memory=hw.gpu.memory or 0,
+            tags=tuple(sorted(set(body.resources.tags))),
+            model=body.model.source.identifier if body.model else None,
+        )

@@ -1,0 +1,53 @@
+"""Task states and the transitions between them: the one table both sides obey.
+
+The Lua scripts in `flowmesh/lua/` enforce these transitions atomically; this
+module is the readable copy that Python code and tests check against.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskStatus(StrEnum):
+    PENDING = "PENDING"
+    DISPATCHED = "DISPATCHED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def active(self) -> bool:
+        """Placed on a worker: it holds one of that worker's slots."""
+        return self in ACTIVE
+
+
+TERMINAL = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
+
+# from-state -> the states it may move to
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.DISPATCHED, TaskStatus.CANCELLED}),
+    TaskStatus.DISPATCHED: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.PENDING,
+         TaskStatus.CANCELLED}
+    ),
+    TaskStatus.RUNNING: frozenset(
+        {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.PENDING, TaskStatus.CANCELLED}
+    ),
+    TaskStatus.DONE: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+class WorkerStatus(StrEnum):
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    STOPPED = "stopped"

@@ -1,0 +1,249 @@
+"""Task state in Redis: typed methods over atomic transitions.
+
+Public methods here are the only writers of `task:<id>` hashes and the status
+indexes. Each transition is one MULTI/EXEC or one Lua script from `flowmesh/lua/`,
+so a crash between two commands can never leave a task half-moved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from flowmesh.keys import INBOX_GROUP, Keys
+from flowmesh.spec import Requirements, TaskSpec
+from flowmesh.status import ACTIVE, TaskStatus
+
+EVENTS_MAXLEN = 100_000
+
+
+def pending_score(priority: int, seq: int) -> float:
+    """Higher priority first, then older first: ascending order of this score."""
+    return (1000 - priority) * 1e12 + seq
+
+
+def _script(name: str) -> str:
+    return resources.files("flowmesh").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class NewTask:
+    task_id: str
+    seq: int
+    spec: TaskSpec
+    requirements: Requirements
+
+    @property
+    def score(self) -> float:
+        return pending_score(self.spec.spec.priority, self.seq)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One inbox entry: an attempt of a task handed to a worker."""
+
+    stream_id: str
+    task_id: str
+    attempt: int
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    reason: str = ""
+
+
+def _loads(raw: str | None) -> Any:
+    return json.loads(raw) if raw else None
+
+
+class TaskStore:
+    def __init__(self, conn: aioredis.Redis, keys: Keys):
+        self.conn = conn
+        self.keys = keys
+        self._dispatch = conn.register_script(_script("dispatch"))
+        self._start = conn.register_script(_script("start"))
+        self._finish = conn.register_script(_script("finish"))
+
+    # -- submit ------------------------------------------------------------------
+    async def submit(self, specs: list[TaskSpec]) -> list[NewTask]:
+        """Store a batch of PENDING tasks all at once, or none of them."""
+        if not specs:
+            return []
+        last = await self.conn.incrby(self.keys.task_seq, len(specs))
+        now = f"{time.time():.6f}"
+        tasks = [
+            NewTask(uuid.uuid4().hex, last - len(specs) + 1 + i, spec, Requirements.of(spec.spec))
+            for i, spec in enumerate(specs)
+        ]
+        pending = self.keys.tasks_by_status(TaskStatus.PENDING)
+        async with self.conn.pipeline(transaction=True) as pipe:
+            for t in tasks:
+                body = t.spec.spec
+                pipe.hset(self.keys.task(t.task_id), mapping={
+                    "task_id": t.task_id,
+                    "name": t.spec.metadata.name or "",
+                    "task_type": body.taskType,
+                    "status": TaskStatus.PENDING.value,
+                    "priority": body.priority,
+                    "seq": t.seq,
+                    "attempts": 0,
+                    "max_attempts": body.maxAttempts,
+                    "spec": t.spec.model_dump_json(),
+                    "requirements": t.requirements.model_dump_json(),
+                    "created_at": now,
+                    "updated_at": now,
+                })
+                pipe.zadd(self.keys.tasks_all, {t.task_id: t.seq})
+                pipe.zadd(pending, {t.task_id: t.seq})
+                pipe.zadd(self.keys.pending_queue, {t.task_id: t.score})
+            await pipe.execute()
+        return tasks
+
+    # -- read --------------------------------------------------------------------
+    async def get(self, task_id: str) -> dict[str, Any] | None:
+        raw = await self.conn.hgetall(self.keys.task(task_id))
+        return decode_task(raw) if raw else None
+
+    async def get_many(self, task_ids: list[str]) -> list[dict[str, Any]]:
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self.keys.task(task_id))
+            rows = await pipe.execute()
+        return [decode_task(r) for r in rows if r]
+
+    async def list_tasks(
+        self, *, status: TaskStatus | None, task_type: str | None, limit: int, after: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Tasks in submission order; `after` is the cursor returned by the previous page."""
+        index = self.keys.tasks_by_status(status) if status else self.keys.tasks_all
+        out: list[dict[str, Any]] = []
+        cursor = after or 0
+        while len(out) < limit:
+            ids = await self.conn.zrangebyscore(
+                index, f"({cursor}", "+inf", start=0, num=max(limit * 2, 50), withscores=True
+            )
+            if not ids:
+                return out, None
+            rows = await self.get_many([task_id for task_id, _ in ids])
+            by_id = {r["task_id"]: r for r in rows}
+            for task_id, score in ids:
+                cursor = int(score)
+                row = by_id.get(task_id)
+                if row and (task_type is None or row["task_type"] == task_type):
+                    out.append(row)
+                    if len(out) == limit:
+                        break
+        return out, cursor
+
+    async def pending_ids(self) -> list[tuple[str, float]]:
+        return await self.conn.zrange(self.keys.pending_queue, 0, -1, withscores=True)
+
+    async def requirements(self, task_ids: list[str]) -> list[Requirements | None]:
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(self.keys.task(task_id), "requirements")
+            raws = await pipe.execute()
+        return [Requirements.model_validate_json(r) if r else None for r in raws]
+
+    async def set_reason(self, task_ids: list[str], reason: str) -> None:
+        """Say why PENDING tasks wait; only for tasks still PENDING."""
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hset(self.keys.task(task_id), "reason", reason)
+            await pipe.execute()
+
+    # -- orchestrator: place -----------------------------------------------------
+    async def dispatch(self, placements: list[tuple[str, str, str]]) -> list[Outcome]:
+        """Place (task_id, worker_id, inbox) triples; each one atomic, all in one round trip."""
+        k = self.keys
+        now = f"{time.time():.6f}"
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id, worker_id, inbox in placements:
+                await self._dispatch(
+                    keys=[
+                        k.task(task_id), k.pending_queue,
+                        k.tasks_by_status(TaskStatus.PENDING),
+                        k.tasks_by_status(TaskStatus.DISPATCHED),
+                        k.worker(worker_id), k.heartbeat(worker_id), k.worker_tasks(worker_id),
+                        inbox,
+                    ],
+                    args=[task_id, worker_id, now],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [Outcome(bool(r[0]), "" if r[0] else str(r[1])) for r in replies]
+
+    # -- worker: run -------------------------------------------------------------
+    async def start(self, task_id: str, attempt: int, worker_id: str) -> Outcome:
+        k = self.keys
+        reply = await self._start(
+            keys=[
+                k.task(task_id), k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING), k.events,
+            ],
+            args=[task_id, attempt, worker_id, f"{time.time():.6f}", EVENTS_MAXLEN],
+        )
+        return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
+
+    async def finish(
+        self,
+        delivery: Delivery,
+        worker_id: str,
+        inbox: str,
+        status: TaskStatus,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> Outcome:
+        k = self.keys
+        reply = await self._finish(
+            keys=[
+                k.task(delivery.task_id), k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING), k.tasks_by_status(status),
+                k.worker_tasks(worker_id), inbox, k.events,
+            ],
+            args=[
+                delivery.task_id, delivery.attempt, worker_id, status.value,
+                json.dumps(result) if result is not None else "",
+                json.dumps(error) if error else "",
+                f"{time.time():.6f}", delivery.stream_id, INBOX_GROUP, EVENTS_MAXLEN,
+            ],
+        )
+        return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
+
+
+def decode_task(raw: dict[str, str]) -> dict[str, Any]:
+    """A task hash as the API shows it."""
+    status = TaskStatus(raw["status"])
+
+    def num(field: str) -> float | None:
+        return float(raw[field]) if raw.get(field) else None
+
+    return {
+        "task_id": raw["task_id"],
+        "name": raw.get("name") or None,
+        "task_type": raw.get("task_type"),
+        "status": status.value,
+        "priority": int(raw.get("priority", 0)),
+        "attempts": int(raw.get("attempts", 0)),
+        "max_attempts": int(raw.get("max_attempts", 0)),
+        "worker_id": raw.get("worker_id") or None,
+        "reason": raw.get("reason") or None if status == TaskStatus.PENDING else None,
+        "result": _loads(raw.get("result")),
+        "error": _loads(raw.get("error")),
+        "created_at": num("created_at"),
+        "dispatched_at": num("dispatched_at"),
+        "started_at": num("started_at"),
+        "finished_at": num("finished_at"),
+        "updated_at": num("updated_at"),
+        "active": status in ACTIVE,
+        "spec": _loads(raw.get("spec")),
+    }

@@ -1,0 +1,183 @@
+"""HTTP routes under /api/v1: submit and read tasks, list workers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from executors.base import Executor
+from executors.registry import entry_points_by_name, load
+from flowmesh.spec import CATALOG_TASK_TYPES, SpecError, TaskBody, TaskSpec
+from flowmesh.status import TaskStatus
+from orchestrator.documents import BodyError, decode, validate
+from orchestrator.fleet import Fleet
+
+router = APIRouter(prefix="/api/v1")
+
+_SPEC_SCHEMA = TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "One task spec, a list of specs, or several YAML documents.",
+        "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"oneOf": [
+                {"$ref": "#/components/schemas/TaskSpec"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/TaskSpec"}},
+            ]}},
+        },
+    }
+}
+
+
+def fleet(request: Request) -> Fleet:
+    value: Fleet = request.app.state.fleet
+    return value
+
+
+@functools.cache
+def _executor_check(task_type: str) -> Callable[[TaskBody], list[tuple[str, str]]] | None:
+    """The installed executor's own spec check, or None when it is not installed here."""
+    if task_type not in entry_points_by_name():
+        return None
+    try:
+        cls: type[Executor] = load(task_type)
+    except (ImportError, TypeError, AttributeError):
+        return None
+    return cls.validate_spec
+
+
+def _spec_error(exc: SpecError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={
+        "detail": str(exc),
+        "errors": [{"loc": path, "msg": msg} for path, msg in exc.problems],
+    })
+
+
+@router.post("/tasks", status_code=201, openapi_extra=_SUBMIT_BODY,
+             summary="Submit one task spec or a batch")
+async def submit_tasks(request: Request) -> Any:
+    f = fleet(request)
+    settings = request.app.state.settings
+    body = await request.body()
+    try:
+        docs = decode(body, request.headers.get("content-type", ""))
+    except BodyError as exc:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+    known = set(CATALOG_TASK_TYPES) | set(entry_points_by_name())
+    for view in f.scheduler.workers.values():
+        known |= view.executors
+    try:
+        specs = validate(docs, max_batch=settings.max_batch, known_types=known,
+                         executor_checks=_executor_check)
+    except SpecError as exc:
+        return _spec_error(exc)
+    tasks = await f.submit(specs)
+    return {"tasks": [
+        {"task_id": t.task_id, "name": t.spec.metadata.name, "status": TaskStatus.PENDING.value}
+        for t in tasks
+    ]}
+
+
+def _live_reason(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
+    if task["status"] == TaskStatus.PENDING.value:
+        entry = f.scheduler.pending.get(task["task_id"])
+        if entry is not None:
+            task["reason"] = f.scheduler.explain(entry[0])
+    return task
+
+
+@router.get("/tasks/{task_id}", summary="One task: status, attempts, worker, result, error")
+async def get_task(task_id: str, request: Request) -> Any:
+    f = fleet(request)
+    task = await f.store.get(task_id)
+    if task is None:
+        raise HTTPException(404, f"no task with id {task_id!r}")
+    return _live_reason(f, task)
+
+
+@router.get("/tasks/{task_id}/result", summary="The executor's output of a finished task")
+async def get_result(task_id: str, request: Request) -> Any:
+    task = await fleet(request).store.get(task_id)
+    if task is None:
+        raise HTTPException(404, f"no task with id {task_id!r}")
+    if task["status"] != TaskStatus.DONE.value:
+        raise HTTPException(409, f"task {task_id} is {task['status']}, not DONE; no result yet")
+    return {"task_id": task_id, "status": task["status"], "result": task["result"]}
+
+
+@router.get("/tasks", summary="List tasks, filtered by status and type, oldest first")
+async def list_tasks(
+    request: Request,
+    status: Annotated[TaskStatus | None, Query(description="Only tasks in this status")] = None,
+    type: Annotated[str | None, Query(description="Only tasks of this taskType")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> Any:
+    after = None
+    if cursor:
+        if not cursor.isdigit():
+            raise HTTPException(422, f"cursor must be a next_cursor value, got {cursor!r}")
+        after = int(cursor)
+    f = fleet(request)
+    rows, next_cursor = await f.store.list_tasks(status=status, task_type=type, limit=limit,
+                                           after=after)
+    for row in rows:
+        row.pop("spec", None)
+        row.pop("result", None)
+        _live_reason(f, row)
+    return {"tasks": rows, "next_cursor": str(next_cursor) if next_cursor else None}
+
+
+@router.get("/workers", summary="Registered workers: hardware, tags, executors, load")
+async def list_workers(request: Request) -> Any:
+    f = fleet(request)
+    k = f.keys
+    ids = sorted(await f.conn.smembers(k.worker_ids))
+    async with f.conn.pipeline(transaction=False) as pipe:
+        for wid in ids:
+            pipe.hgetall(k.worker(wid))
+            pipe.ttl(k.heartbeat(wid))
+        replies = await pipe.execute()
+    workers = []
+    now = time.time()
+    for i in range(len(ids)):
+        raw, ttl = replies[2 * i], replies[2 * i + 1]
+        if raw:
+            workers.append(_worker_json(raw, ttl, now))
+    return {"workers": workers}
+
+
+def _worker_json(raw: dict[str, str], ttl: int, now: float) -> dict[str, Any]:
+    def j(field: str, default: Any) -> Any:
+        return json.loads(raw[field]) if raw.get(field) else default
+
+    last_seen = float(raw.get("last_seen", 0))
+    return {
+        "worker_id": raw.get("worker_id"),
+        "status": raw.get("status"),
+        "alive": ttl > 0,
+        "heartbeat_ttl_sec": max(ttl, 0),
+        "last_heartbeat": last_seen,
+        "seconds_since_heartbeat": round(now - last_seen, 3),
+        "hostname": raw.get("hostname"),
+        "hardware": j("hardware", {}),
+        "tags": j("tags", []),
+        "executors": j("executors", []),
+        "slots": int(raw.get("slots", 0)),
+        "running": int(raw.get("running", 0)),
+        "current_tasks": j("current_tasks", []),
+        "loaded_models": j("loaded_models", []),
+        "load": j("load", {}),
+        "cost_per_hour": float(raw.get("cost_per_hour", 0)),
+        "cost_accrued": float(raw.get("cost_accrued", 0)),
+        "started_at": float(raw.get("started_at", 0)),
+        "version": raw.get("version"),
+    }
+

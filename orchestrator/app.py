@@ -1,0 +1,66 @@
+"""The orchestrator's ASGI application: API routes, auth, and the fleet loops in its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from flowmesh import __version__
+from flowmesh.keys import Keys
+from flowmesh.redis_conn import check_server, connect, redact
+from orchestrator.api import router
+from orchestrator.auth import BodyLimit, TokenAuth
+from orchestrator.fleet import Fleet
+from orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: OrchestratorSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conn = await connect(settings.redis_url)
+        await check_server(conn)
+        fleet = Fleet(conn, Keys(settings.key_prefix), refresh_sec=settings.refresh_sec)
+        await fleet.start()
+        app.state.fleet = fleet
+        log.info("orchestrator ready on http://%s:%d (Redis %s, auth %s)", settings.host,
+                 settings.port, redact(settings.redis_url),
+                 "on" if settings.api_token else "off, loopback only")
+        try:
+            yield
+        finally:
+            await fleet.stop()
+            await conn.aclose()
+
+    app = FastAPI(
+        title="FlowMesh orchestrator",
+        version=__version__,
+        description="Submit AI tasks and watch them run on a fleet of workers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+
+    @app.get("/healthz", summary="Liveness and Redis reachability (no auth)")
+    async def healthz(request: Request) -> Any:
+        try:
+            await request.app.state.fleet.conn.ping()
+        except (RedisError, OSError) as exc:
+            return JSONResponse(status_code=503, content={"status": "error", "redis": str(exc)})
+        return {"status": "ok", "redis": "ok", "version": __version__}
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("%s %s failed: Redis error: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=503, content={"detail": f"Redis unavailable: {exc}"})
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(TokenAuth, token=settings.api_token)
+    return app

@@ -1,0 +1,246 @@
+"""Placement: which worker runs which pending task. Pure, in memory, no I/O.
+
+Hard filters: the worker offers the executor, has the tags, has the hardware
+(GPU count/type/VRAM, CPU, RAM), is alive and taking work, and has a free slot.
+Soft score among those: model already loaded (warm) > lower load > lower cost.
+Queue order: priority, then age. Tasks with equal requirements share one queue,
+so one check decides for all of them and a blocked kind never holds up another.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowmesh.spec import Requirements
+from flowmesh.status import WorkerStatus
+
+TAKING_WORK = frozenset({WorkerStatus.IDLE.value, WorkerStatus.BUSY.value})
+
+
+@dataclass(frozen=True)
+class GpuView:
+    name: str
+    memory_total: int
+
+
+@dataclass
+class WorkerView:
+    worker_id: str
+    inbox: str
+    executors: frozenset[str]
+    tags: frozenset[str]
+    cpu: float
+    memory: int
+    gpus: tuple[GpuView, ...]
+    slots: int
+    status: str
+    alive: bool
+    cost_per_hour: float = 1.0
+    loaded_models: frozenset[str] = frozenset()
+    running: int = 0
+    used_cpu: float = 0.0
+    used_memory: int = 0
+    used_gpus: int = 0
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str], alive: bool) -> WorkerView:
+        hw: dict[str, Any] = json.loads(raw.get("hardware") or "{}")
+        return cls(
+            worker_id=raw["worker_id"],
+            inbox=raw["inbox"],
+            executors=frozenset(json.loads(raw.get("executors") or "[]")),
+            tags=frozenset(json.loads(raw.get("tags") or "[]")),
+            cpu=float(hw.get("cpu_count", 0)),
+            memory=int(hw.get("memory_total", 0)),
+            gpus=tuple(GpuView(g["name"], int(g["memory_total"])) for g in hw.get("gpus", [])),
+            slots=int(raw.get("slots", 0)),
+            status=raw.get("status", ""),
+            alive=alive,
+            cost_per_hour=float(raw.get("cost_per_hour", 1.0)),
+            loaded_models=frozenset(json.loads(raw.get("loaded_models") or "[]")),
+        )
+
+    def matching_gpus(self, req: Requirements) -> int:
+        kind = (req.gpu_type or "").lower()
+        return sum(
+            1 for g in self.gpus
+            if kind in g.name.lower() and g.memory_total >= req.gpu_memory
+        )
+
+    def why_never(self, req: Requirements) -> str | None:
+        """Why this worker can never run `req` (whatever its load), or None."""
+        if req.executor not in self.executors:
+            return f"lacks executor {req.executor!r}"
+        missing = [t for t in req.tags if t not in self.tags]
+        if missing:
+            return f"lacks tag(s) {', '.join(missing)}"
+        if req.gpu_count and self.matching_gpus(req) < req.gpu_count:
+            what = f"{req.gpu_count} GPU(s)"
+            if req.gpu_type:
+                what += f" of type {req.gpu_type}"
+            if req.gpu_memory:
+                what += f" with {req.gpu_memory / 2**30:.0f} GiB"
+            return f"has fewer than {what}"
+        if req.cpu > self.cpu:
+            return f"has {self.cpu:g} CPUs < {req.cpu:g}"
+        if req.memory > self.memory:
+            return f"has {self.memory / 2**30:.1f} GiB RAM < {req.memory / 2**30:.1f} GiB"
+        return None
+
+    @property
+    def taking_work(self) -> bool:
+        return self.alive and self.status in TAKING_WORK
+
+    def fits_now(self, req: Requirements) -> bool:
+        return (
+            self.taking_work
+            and self.running < self.slots
+            and self.used_cpu + req.cpu <= self.cpu
+            and self.used_memory + req.memory <= self.memory
+            and self.used_gpus + req.gpu_count <= self.matching_gpus(req)
+        )
+
+    def take(self, req: Requirements) -> None:
+        self.running += 1
+        self.used_cpu += req.cpu
+        self.used_memory += req.memory
+        self.used_gpus += req.gpu_count
+
+    def give_back(self, req: Requirements) -> None:
+        self.running = max(0, self.running - 1)
+        self.used_cpu = max(0.0, self.used_cpu - req.cpu)
+        self.used_memory = max(0, self.used_memory - req.memory)
+        self.used_gpus = max(0, self.used_gpus - req.gpu_count)
+
+
+@dataclass(frozen=True)
+class Placement:
+    task_id: str
+    worker_id: str
+    inbox: str
+    requirements: Requirements
+    score: float
+
+
+@dataclass
+class Scheduler:
+    workers: dict[str, WorkerView] = field(default_factory=dict)
+    # pending task -> (requirements, queue score); the heaps may hold stale entries
+    pending: dict[str, tuple[Requirements, float]] = field(default_factory=dict)
+    queues: dict[Requirements, list[tuple[float, str]]] = field(default_factory=dict)
+    # placed task -> (worker, requirements): what each worker's resources are used by
+    active: dict[str, tuple[str, Requirements]] = field(default_factory=dict)
+    _candidates: dict[Requirements, list[WorkerView]] = field(default_factory=dict)
+
+    # -- workers -----------------------------------------------------------------
+    def set_workers(self, views: list[WorkerView], running: dict[str, int]) -> None:
+        """Replace the fleet snapshot; usage is recomputed from the active tasks."""
+        self.workers = {v.worker_id: v for v in views}
+        for _task_id, (worker_id, req) in self.active.items():
+            view = self.workers.get(worker_id)
+            if view is not None:
+                view.take(req)
+        for view in views:
+            view.running = max(view.running, running.get(view.worker_id, 0))
+        self._candidates.clear()
+
+    def candidates(self, req: Requirements) -> list[WorkerView]:
+        found = self._candidates.get(req)
+        if found is None:
+            found = [w for w in self.workers.values() if w.why_never(req) is None]
+            self._candidates[req] = found
+        return found
+
+    def explain(self, req: Requirements) -> str:
+        """Why tasks with these requirements are still pending."""
+        if not self.workers:
+            return "no worker is registered"
+        eligible = self.candidates(req)
+        if not eligible:
+            reasons = Counter(w.why_never(req) for w in self.workers.values())
+            parts = [f"{n} worker(s) {why}" for why, n in reasons.most_common()]
+            return "no registered worker can run it: " + "; ".join(parts)
+        live = [w for w in eligible if w.taking_work]
+        if not live:
+            return f"all {len(eligible)} eligible worker(s) are stopped, draining or unreachable"
+        return f"waiting for a free slot or resources on {len(live)} eligible worker(s)"
+
+    # -- tasks -------------------------------------------------------------------
+    def add_pending(self, task_id: str, req: Requirements, score: float) -> None:
+        self.pending[task_id] = (req, score)
+        heapq.heappush(self.queues.setdefault(req, []), (score, task_id))
+
+    def discard_pending(self, task_id: str) -> None:
+        self.pending.pop(task_id, None)  # its heap entry is skipped when it surfaces
+
+    def release(self, task_id: str) -> None:
+        """A placed task ended or left its worker: free what it used."""
+        entry = self.active.pop(task_id, None)
+        if entry is not None:
+            view = self.workers.get(entry[0])
+            if view is not None:
+                view.give_back(entry[1])
+
+    def _head(self, req: Requirements) -> tuple[float, str] | None:
+        queue = self.queues.get(req)
+        while queue:
+            score, task_id = queue[0]
+            current = self.pending.get(task_id)
+            if current is not None and current[0] == req and current[1] == score:
+                return queue[0]
+            heapq.heappop(queue)
+        self.queues.pop(req, None)
+        return None
+
+    def choose(self, req: Requirements) -> WorkerView | None:
+        best: WorkerView | None = None
+        best_key: tuple[int, float, float, str] | None = None
+        for w in self.candidates(req):
+            if not w.fits_now(req):
+                continue
+            key = (0 if req.model and req.model in w.loaded_models else 1,
+                   w.running / w.slots, w.cost_per_hour, w.worker_id)
+            if best_key is None or key < best_key:
+                best, best_key = w, key
+        return best
+
+    def plan(self, limit: int) -> tuple[list[Placement], list[Requirements]]:
+        """Up to `limit` placements in queue order, and the requirements left blocked."""
+        tie = itertools.count()
+        heads: list[tuple[float, int, Requirements]] = []
+        for req in list(self.queues):
+            head = self._head(req)
+            if head is not None:
+                heads.append((head[0], next(tie), req))
+        heapq.heapify(heads)
+        out: list[Placement] = []
+        blocked: list[Requirements] = []
+        while heads and len(out) < limit:
+            _, _, req = heapq.heappop(heads)
+            worker = self.choose(req)
+            if worker is None:
+                blocked.append(req)
+                continue
+            score, task_id = heapq.heappop(self.queues[req])
+            del self.pending[task_id]
+            worker.take(req)
+            self.active[task_id] = (worker.worker_id, req)
+            out.append(Placement(task_id, worker.worker_id, worker.inbox, req, score))
+            head = self._head(req)
+            if head is not None:
+                heapq.heappush(heads, (head[0], next(tie), req))
+        return out, blocked
+
+    def undo(self, placement: Placement, *, requeue: bool) -> None:
+        """A placement Redis refused: give the resources back, and requeue the task."""
+        self.release(placement.task_id)
+        if requeue:
+            self.add_pending(placement.task_id, placement.requirements, placement.score)
+
+    def blocked_tasks(self, req: Requirements) -> list[str]:
+        return [task_id for task_id, (r, _) in self.pending.items() if r == req]

@@ -1,0 +1,72 @@
+"""The worker's settings, built once from the environment (the seed README's variables)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowmesh.config import (
+    Env,
+    env_bytes,
+    env_float,
+    env_int,
+    env_list,
+    env_log_level,
+    env_str,
+)
+from flowmesh.errors import ConfigError
+from flowmesh.keys import heartbeat_ttl
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str
+    results_dir: Path
+    task_topic: str
+    heartbeat_interval: float
+    worker_id: str
+    tags: tuple[str, ...]
+    log_level: str
+    cost_per_hour: float
+    slots: int
+    executors: frozenset[str] | None
+    cpus: float | None
+    memory: int | None
+    key_prefix: str
+    drain_timeout: float
+
+    @property
+    def heartbeat_ttl(self) -> int:
+        return heartbeat_ttl(self.heartbeat_interval)
+
+    @classmethod
+    def from_env(cls, env: Env) -> WorkerSettings:
+        worker_id = env_str(env, "WORKER_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        if not all(c.isalnum() or c in "-_.@" for c in worker_id):
+            raise ConfigError(
+                f"WORKER_ID may hold letters, digits and - _ . @ only, got {worker_id!r}"
+            )
+        topic = env_str(env, "TASK_TOPIC", "tasks")
+        if ":" in topic or " " in topic:
+            raise ConfigError(f"TASK_TOPIC may not contain ':' or spaces, got {topic!r}")
+        only = env_list(env, "WORKER_EXECUTORS")
+        cpus = env_float(env, "WORKER_CPUS", 0.0, minimum=0.0)
+        return cls(
+            redis_url=env_str(env, "REDIS_URL"),
+            results_dir=Path(env_str(env, "RESULTS_DIR", "./results_workers")).resolve(),
+            task_topic=topic,
+            heartbeat_interval=env_float(env, "HEARTBEAT_INTERVAL_SEC", 30.0, minimum=0.0,
+                                         exclusive=True),
+            worker_id=worker_id,
+            tags=env_list(env, "WORKER_TAGS"),
+            log_level=env_log_level(env),
+            cost_per_hour=env_float(env, "WORKER_COST_PER_HOUR", 1.0, minimum=0.0),
+            slots=env_int(env, "WORKER_SLOTS", 4, minimum=1, maximum=4096),
+            executors=frozenset(only) if only else None,
+            cpus=cpus or None,
+            memory=env_bytes(env, "WORKER_MEMORY"),
+            key_prefix=env_str(env, "REDIS_KEY_PREFIX"),
+            drain_timeout=env_float(env, "WORKER_DRAIN_TIMEOUT_SEC", 60.0, minimum=0.0),
+        )
