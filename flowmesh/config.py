@@ -20,8 +20,9 @@ def env_str(env: Env, name: str, default: str = "") -> str:
     return env.get(name, "").strip() or default
 
 
-def env_float(env: Env, name: str, default: float, *, minimum: float | None = None,
-              exclusive: bool = False) -> float:
+def env_float(
+    env: Env, name: str, default: float, *, minimum: float | None = None, exclusive: bool = False
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -35,8 +36,9 @@ def env_float(env: Env, name: str, default: float, *, minimum: float | None = No
     return value
 
 
-def env_int(env: Env, name: str, default: int, *, minimum: int | None = None,
-            maximum: int | None = None) -> int:
+def env_int(
+    env: Env, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default

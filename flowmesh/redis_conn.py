@@ -63,5 +63,6 @@ async def check_server(conn: aioredis.Redis) -> None:
     if policy and policy != "noeviction":
         log.warning(
             "Redis maxmemory-policy is %r: Redis may evict task keys under memory pressure. "
-            "Set it to 'noeviction'.", policy,
+            "Set it to 'noeviction'.",
+            policy,
         )

@@ -15,15 +15,37 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 # Task types the design contract names. A worker may offer more through plugins;
 # the orchestrator accepts those too once a worker advertises them.
 CATALOG_TASK_TYPES = (
-    "echo", "inference", "sft", "lora_sft", "dpo", "ppo", "rag", "agent", "vl_grounding", "video",
+    "echo",
+    "inference",
+    "sft",
+    "lora_sft",
+    "dpo",
+    "ppo",
+    "rag",
+    "agent",
+    "vl_grounding",
+    "video",
 )
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "t": 10**12, "tb": 10**12,
-    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-    "ti": 2**40, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -177,6 +199,7 @@ def parse_task(document: Any, prefix: str = "") -> TaskSpec:
 
 
 # -- what the scheduler needs of a spec -------------------------------------------------
+
 
 class Requirements(BaseModel):
     """The placement-relevant part of a spec; hashable, so equal needs share one queue."""

@@ -34,8 +34,13 @@ ACTIVE = frozenset({TaskStatus.DISPATCHED, TaskStatus.RUNNING})
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.PENDING: frozenset({TaskStatus.DISPATCHED, TaskStatus.CANCELLED}),
     TaskStatus.DISPATCHED: frozenset(
-        {TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.PENDING,
-         TaskStatus.CANCELLED}
+        {
+            TaskStatus.RUNNING,
+            TaskStatus.DONE,
+            TaskStatus.FAILED,
+            TaskStatus.PENDING,
+            TaskStatus.CANCELLED,
+        }
     ),
     TaskStatus.RUNNING: frozenset(
         {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.PENDING, TaskStatus.CANCELLED}

@@ -87,20 +87,23 @@ class TaskStore:
         async with self.conn.pipeline(transaction=True) as pipe:
             for t in tasks:
                 body = t.spec.spec
-                pipe.hset(self.keys.task(t.task_id), mapping={
-                    "task_id": t.task_id,
-                    "name": t.spec.metadata.name or "",
-                    "task_type": body.taskType,
-                    "status": TaskStatus.PENDING.value,
-                    "priority": body.priority,
-                    "seq": t.seq,
-                    "attempts": 0,
-                    "max_attempts": body.maxAttempts,
-                    "spec": t.spec.model_dump_json(),
-                    "requirements": t.requirements.model_dump_json(),
-                    "created_at": now,
-                    "updated_at": now,
-                })
+                pipe.hset(
+                    self.keys.task(t.task_id),
+                    mapping={
+                        "task_id": t.task_id,
+                        "name": t.spec.metadata.name or "",
+                        "task_type": body.taskType,
+                        "status": TaskStatus.PENDING.value,
+                        "priority": body.priority,
+                        "seq": t.seq,
+                        "attempts": 0,
+                        "max_attempts": body.maxAttempts,
+                        "spec": t.spec.model_dump_json(),
+                        "requirements": t.requirements.model_dump_json(),
+                        "created_at": now,
+                        "updated_at": now,
+                    },
+                )
                 pipe.zadd(self.keys.tasks_all, {t.task_id: t.seq})
                 pipe.zadd(pending, {t.task_id: t.seq})
                 pipe.zadd(self.keys.pending_queue, {t.task_id: t.score})
@@ -169,10 +172,13 @@ class TaskStore:
             for task_id, worker_id, inbox in placements:
                 await self._dispatch(
                     keys=[
-                        k.task(task_id), k.pending_queue,
+                        k.task(task_id),
+                        k.pending_queue,
                         k.tasks_by_status(TaskStatus.PENDING),
                         k.tasks_by_status(TaskStatus.DISPATCHED),
-                        k.worker(worker_id), k.heartbeat(worker_id), k.worker_tasks(worker_id),
+                        k.worker(worker_id),
+                        k.heartbeat(worker_id),
+                        k.worker_tasks(worker_id),
                         inbox,
                     ],
                     args=[task_id, worker_id, now],
@@ -186,8 +192,10 @@ class TaskStore:
         k = self.keys
         reply = await self._start(
             keys=[
-                k.task(task_id), k.tasks_by_status(TaskStatus.DISPATCHED),
-                k.tasks_by_status(TaskStatus.RUNNING), k.events,
+                k.task(task_id),
+                k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING),
+                k.events,
             ],
             args=[task_id, attempt, worker_id, f"{time.time():.6f}", EVENTS_MAXLEN],
         )
@@ -206,15 +214,25 @@ class TaskStore:
         k = self.keys
         reply = await self._finish(
             keys=[
-                k.task(delivery.task_id), k.tasks_by_status(TaskStatus.DISPATCHED),
-                k.tasks_by_status(TaskStatus.RUNNING), k.tasks_by_status(status),
-                k.worker_tasks(worker_id), inbox, k.events,
+                k.task(delivery.task_id),
+                k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING),
+                k.tasks_by_status(status),
+                k.worker_tasks(worker_id),
+                inbox,
+                k.events,
             ],
             args=[
-                delivery.task_id, delivery.attempt, worker_id, status.value,
+                delivery.task_id,
+                delivery.attempt,
+                worker_id,
+                status.value,
                 json.dumps(result) if result is not None else "",
                 json.dumps(error) if error else "",
-                f"{time.time():.6f}", delivery.stream_id, INBOX_GROUP, EVENTS_MAXLEN,
+                f"{time.time():.6f}",
+                delivery.stream_id,
+                INBOX_GROUP,
+                EVENTS_MAXLEN,
             ],
         )
         return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))

@@ -27,10 +27,14 @@ _SUBMIT_BODY = {
         "description": "One task spec, a list of specs, or several YAML documents.",
         "content": {
             "application/yaml": {"schema": {"type": "string"}},
-            "application/json": {"schema": {"oneOf": [
-                {"$ref": "#/components/schemas/TaskSpec"},
-                {"type": "array", "items": {"$ref": "#/components/schemas/TaskSpec"}},
-            ]}},
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/TaskSpec"},
+                        {"type": "array", "items": {"$ref": "#/components/schemas/TaskSpec"}},
+                    ]
+                }
+            },
         },
     }
 }
@@ -54,14 +58,18 @@ def _executor_check(task_type: str) -> Callable[[TaskBody], list[tuple[str, str]
 
 
 def _spec_error(exc: SpecError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={
-        "detail": str(exc),
-        "errors": [{"loc": path, "msg": msg} for path, msg in exc.problems],
-    })
+    return JSONResponse(
+        status_code=422,
+        content={
+            "detail": str(exc),
+            "errors": [{"loc": path, "msg": msg} for path, msg in exc.problems],
+        },
+    )
 
 
-@router.post("/tasks", status_code=201, openapi_extra=_SUBMIT_BODY,
-             summary="Submit one task spec or a batch")
+@router.post(
+    "/tasks", status_code=201, openapi_extra=_SUBMIT_BODY, summary="Submit one task spec or a batch"
+)
 async def submit_tasks(request: Request) -> Any:
     f = fleet(request)
     settings = request.app.state.settings
@@ -74,15 +82,18 @@ async def submit_tasks(request: Request) -> Any:
     for view in f.scheduler.workers.values():
         known |= view.executors
     try:
-        specs = validate(docs, max_batch=settings.max_batch, known_types=known,
-                         executor_checks=_executor_check)
+        specs = validate(
+            docs, max_batch=settings.max_batch, known_types=known, executor_checks=_executor_check
+        )
     except SpecError as exc:
         return _spec_error(exc)
     tasks = await f.submit(specs)
-    return {"tasks": [
-        {"task_id": t.task_id, "name": t.spec.metadata.name, "status": TaskStatus.PENDING.value}
-        for t in tasks
-    ]}
+    return {
+        "tasks": [
+            {"task_id": t.task_id, "name": t.spec.metadata.name, "status": TaskStatus.PENDING.value}
+            for t in tasks
+        ]
+    }
 
 
 def _live_reason(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +137,9 @@ async def list_tasks(
             raise HTTPException(422, f"cursor must be a next_cursor value, got {cursor!r}")
         after = int(cursor)
     f = fleet(request)
-    rows, next_cursor = await f.store.list_tasks(status=status, task_type=type, limit=limit,
-                                           after=after)
+    rows, next_cursor = await f.store.list_tasks(
+        status=status, task_type=type, limit=limit, after=after
+    )
     for row in rows:
         row.pop("spec", None)
         row.pop("result", None)
@@ -180,4 +192,3 @@ def _worker_json(raw: dict[str, str], ttl: int, now: float) -> dict[str, Any]:
         "started_at": float(raw.get("started_at", 0)),
         "version": raw.get("version"),
     }
-

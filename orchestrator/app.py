@@ -30,9 +30,13 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
         fleet = Fleet(conn, Keys(settings.key_prefix), refresh_sec=settings.refresh_sec)
         await fleet.start()
         app.state.fleet = fleet
-        log.info("orchestrator ready on http://%s:%d (Redis %s, auth %s)", settings.host,
-                 settings.port, redact(settings.redis_url),
-                 "on" if settings.api_token else "off, loopback only")
+        log.info(
+            "orchestrator ready on http://%s:%d (Redis %s, auth %s)",
+            settings.host,
+            settings.port,
+            redact(settings.redis_url),
+            "on" if settings.api_token else "off, loopback only",
+        )
         try:
             yield
         finally:

@@ -16,12 +16,17 @@ OPEN_PATHS = frozenset({"/healthz"})
 
 async def _reply(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -40,8 +45,11 @@ class TokenAuth:
                 given = value
                 break
         if not hmac.compare_digest(given, self.expected):
-            detail = ("missing Authorization header: send 'Authorization: Bearer <token>'"
-                      if not given else "invalid API token")
+            detail = (
+                "missing Authorization header: send 'Authorization: Bearer <token>'"
+                if not given
+                else "invalid API token"
+            )
             await _reply(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)
@@ -79,8 +87,10 @@ class BodyLimit:
             await _reply(send, 413, str(exc), [])
 
     def _message(self, size: int) -> str:
-        return (f"request body of {size} bytes exceeds the limit of {self.limit} bytes "
-                "(FLOWMESH_MAX_BODY_BYTES)")
+        return (
+            f"request body of {size} bytes exceeds the limit of {self.limit} bytes "
+            "(FLOWMESH_MAX_BODY_BYTES)"
+        )
 
 
 class BodyTooLarge(Exception):

@@ -58,8 +58,9 @@ def decode(body: bytes, content_type: str) -> list[Any]:
         try:
             docs: list[Any] = [json.loads(text)]
         except json.JSONDecodeError as exc:
-            raise BodyError(f"malformed JSON at line {exc.lineno}, column {exc.colno}: "
-                            f"{exc.msg}") from None
+            raise BodyError(
+                f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            ) from None
     else:
         try:
             docs = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
@@ -85,8 +86,15 @@ def validate(
     if not documents:
         raise SpecError([("body", "no task spec found")])
     if len(documents) > max_batch:
-        raise SpecError([("body", f"batch of {len(documents)} specs exceeds the limit of "
-                                  f"{max_batch} (FLOWMESH_MAX_BATCH)")])
+        raise SpecError(
+            [
+                (
+                    "body",
+                    f"batch of {len(documents)} specs exceeds the limit of "
+                    f"{max_batch} (FLOWMESH_MAX_BATCH)",
+                )
+            ]
+        )
     allowed = sorted(set(known_types))
     batch = len(documents) > 1
     specs: list[TaskSpec] = []
@@ -101,8 +109,12 @@ def validate(
         task_type = spec.spec.taskType
         where = f"{prefix}.spec" if prefix else "spec"
         if task_type not in allowed:
-            problems.append((f"{where}.taskType",
-                             f"unknown task type {task_type!r}; allowed: {', '.join(allowed)}"))
+            problems.append(
+                (
+                    f"{where}.taskType",
+                    f"unknown task type {task_type!r}; allowed: {', '.join(allowed)}",
+                )
+            )
             continue
         check = executor_checks(task_type)
         if check is not None:

@@ -88,7 +88,7 @@ class Fleet:
         views: list[WorkerView] = []
         held: dict[str, str] = {}
         for i, wid in enumerate(ids):
-            raw, alive, tasks = replies[3 * i: 3 * i + 3]
+            raw, alive, tasks = replies[3 * i : 3 * i + 3]
             if not raw or "inbox" not in raw:
                 continue
             views.append(WorkerView.from_hash(raw, bool(alive)))
@@ -114,7 +114,7 @@ class Fleet:
         entries = await self.store.pending_ids()
         missing = [(t, s) for t, s in entries if t not in self.scheduler.pending]
         for start in range(0, len(missing), 1000):
-            chunk = missing[start:start + 1000]
+            chunk = missing[start : start + 1000]
             reqs = await self.store.requirements([t for t, _ in chunk])
             for (task_id, score), req in zip(chunk, reqs, strict=True):
                 if req is not None:
@@ -131,9 +131,7 @@ class Fleet:
             try:
                 if self._refresh_now or time.monotonic() - self._last_refresh >= self.refresh_sec:
                     await self.refresh()
-                    if await self.conn.zcard(self.keys.pending_queue) > len(
-                        self.scheduler.pending
-                    ):
+                    if await self.conn.zcard(self.keys.pending_queue) > len(self.scheduler.pending):
                         await self._load_pending()
                 await self.place()
             except (OSError, ConnectionError) as exc:
@@ -154,8 +152,9 @@ class Fleet:
                     if outcome.ok:
                         placed += 1
                         continue
-                    log.debug("placement of %s on %s refused: %s",
-                              p.task_id, p.worker_id, outcome.reason)
+                    log.debug(
+                        "placement of %s on %s refused: %s", p.task_id, p.worker_id, outcome.reason
+                    )
                     requeue = not outcome.reason.startswith("task is")
                     self.scheduler.undo(p, requeue=requeue)
                     if requeue:  # our snapshot of that worker was wrong: re-read it

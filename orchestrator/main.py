@@ -17,8 +17,11 @@ from orchestrator.settings import OrchestratorSettings
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (non-loopback needs FLOWMESH_API_TOKEN)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (non-loopback needs FLOWMESH_API_TOKEN)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     return parser.parse_args(argv)
 
@@ -33,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
     return 0
 
 

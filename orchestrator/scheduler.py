@@ -68,8 +68,7 @@ class WorkerView:
     def matching_gpus(self, req: Requirements) -> int:
         kind = (req.gpu_type or "").lower()
         return sum(
-            1 for g in self.gpus
-            if kind in g.name.lower() and g.memory_total >= req.gpu_memory
+            1 for g in self.gpus if kind in g.name.lower() and g.memory_total >= req.gpu_memory
         )
 
     def why_never(self, req: Requirements) -> str | None:
@@ -203,8 +202,12 @@ class Scheduler:
         for w in self.candidates(req):
             if not w.fits_now(req):
                 continue
-            key = (0 if req.model and req.model in w.loaded_models else 1,
-                   w.running / w.slots, w.cost_per_hour, w.worker_id)
+            key = (
+                0 if req.model and req.model in w.loaded_models else 1,
+                w.running / w.slots,
+                w.cost_per_hour,
+                w.worker_id,
+            )
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best

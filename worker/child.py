@@ -84,8 +84,9 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
         except (TypeError, ValueError) as exc:  # a result that cannot be pickled
             send(("result", req_id, False, describe_failure(exc), executor.health()))
 
-    with ThreadPoolExecutor(max_workers=cls.max_concurrency,
-                            thread_name_prefix=f"{executor_name}-task") as pool:
+    with ThreadPoolExecutor(
+        max_workers=cls.max_concurrency, thread_name_prefix=f"{executor_name}-task"
+    ) as pool:
         while True:
             try:
                 message = conn.recv()

@@ -62,12 +62,14 @@ class Nvml:
             h = n.nvmlDeviceGetHandleByIndex(i)
             name = n.nvmlDeviceGetName(h)
             uuid = n.nvmlDeviceGetUUID(h)
-            out.append(Gpu(
-                index=i,
-                name=name.decode() if isinstance(name, bytes) else name,
-                uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
-                memory_total=int(n.nvmlDeviceGetMemoryInfo(h).total),
-            ))
+            out.append(
+                Gpu(
+                    index=i,
+                    name=name.decode() if isinstance(name, bytes) else name,
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    memory_total=int(n.nvmlDeviceGetMemoryInfo(h).total),
+                )
+            )
         return out
 
     def sample(self) -> list[dict[str, Any]]:
@@ -78,8 +80,11 @@ class Nvml:
         for i in range(n.nvmlDeviceGetCount()):
             h = n.nvmlDeviceGetHandleByIndex(i)
             mem = n.nvmlDeviceGetMemoryInfo(h)
-            entry: dict[str, Any] = {"index": i, "memory_used": int(mem.used),
-                                     "memory_total": int(mem.total)}
+            entry: dict[str, Any] = {
+                "index": i,
+                "memory_used": int(mem.used),
+                "memory_total": int(mem.total),
+            }
             try:
                 entry["power_watts"] = n.nvmlDeviceGetPowerUsage(h) / 1000.0
                 entry["utilization"] = n.nvmlDeviceGetUtilizationRates(h).gpu

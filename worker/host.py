@@ -57,19 +57,21 @@ class ExecutorProcess:
         self._ready = self._loop.create_future()
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
-            target=child_main, args=(child, self.name, self.log_level),
-            name=f"flowmesh-executor-{self.name}", daemon=True,
+            target=child_main,
+            args=(child, self.name, self.log_level),
+            name=f"flowmesh-executor-{self.name}",
+            daemon=True,
         )
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
-        threading.Thread(target=self._read, args=(parent, proc), daemon=True,
-                         name=f"executor-{self.name}-reader").start()
+        threading.Thread(
+            target=self._read, args=(parent, proc), daemon=True, name=f"executor-{self.name}-reader"
+        ).start()
         log.info("executor %s: child process %s started", self.name, proc.pid)
         await self._ready
 
-    async def run(self, task_id: str, attempt: int, spec: dict[str, Any],
-                  output_dir: str) -> Any:
+    async def run(self, task_id: str, attempt: int, spec: dict[str, Any], output_dir: str) -> Any:
         await self.ensure_started()
         assert self._loop is not None and self._conn is not None
         req_id = uuid.uuid4().hex

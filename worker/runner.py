@@ -85,50 +85,70 @@ class Worker:
         now = time.time()
         async with self.conn.pipeline(transaction=True) as pipe:
             pipe.delete(k.worker(self.id))
-            pipe.hset(k.worker(self.id), mapping={
-                "worker_id": self.id,
-                "status": WorkerStatus.IDLE.value,
-                "hostname": self.hardware.hostname,
-                "pid": os.getpid(),
-                "version": __version__,
-                "hardware": json.dumps(self.hardware.to_dict()),
-                "tags": json.dumps(list(self.settings.tags)),
-                "executors": json.dumps(self.executors),
-                "slots": self.settings.slots,
-                "inbox": self.inbox,
-                "cost_per_hour": self.settings.cost_per_hour,
-                "heartbeat_interval": self.settings.heartbeat_interval,
-                "started_at": f"{now:.6f}",
-                "last_seen": f"{now:.6f}",
-                "loaded_models": "[]",
-                "running": 0,
-                "current_tasks": "[]",
-            })
+            pipe.hset(
+                k.worker(self.id),
+                mapping={
+                    "worker_id": self.id,
+                    "status": WorkerStatus.IDLE.value,
+                    "hostname": self.hardware.hostname,
+                    "pid": os.getpid(),
+                    "version": __version__,
+                    "hardware": json.dumps(self.hardware.to_dict()),
+                    "tags": json.dumps(list(self.settings.tags)),
+                    "executors": json.dumps(self.executors),
+                    "slots": self.settings.slots,
+                    "inbox": self.inbox,
+                    "cost_per_hour": self.settings.cost_per_hour,
+                    "heartbeat_interval": self.settings.heartbeat_interval,
+                    "started_at": f"{now:.6f}",
+                    "last_seen": f"{now:.6f}",
+                    "loaded_models": "[]",
+                    "running": 0,
+                    "current_tasks": "[]",
+                },
+            )
             pipe.sadd(k.worker_ids, self.id)
             pipe.set(k.heartbeat(self.id), f"{now:.6f}", ex=self.settings.heartbeat_ttl)
-            pipe.xadd(k.events, {"type": "worker.registered", "worker_id": self.id},
-                      maxlen=100_000, approximate=True)
+            pipe.xadd(
+                k.events,
+                {"type": "worker.registered", "worker_id": self.id},
+                maxlen=100_000,
+                approximate=True,
+            )
             await pipe.execute()
         gpus = ", ".join(g.name for g in self.hardware.gpus) or "no GPU"
         log.info(
             "worker %s registered: %g CPUs, %.1f GiB RAM, %s; executors %s; tags %s; %d slots",
-            self.id, self.hardware.cpu_count, self.hardware.memory_total / 2**30, gpus,
-            ",".join(self.executors) or "none", ",".join(self.settings.tags) or "none",
+            self.id,
+            self.hardware.cpu_count,
+            self.hardware.memory_total / 2**30,
+            gpus,
+            ",".join(self.executors) or "none",
+            ",".join(self.settings.tags) or "none",
             self.settings.slots,
         )
 
     async def deregister(self) -> None:
         k = self.keys
         async with self.conn.pipeline(transaction=True) as pipe:
-            pipe.hset(k.worker(self.id), mapping={
-                "status": WorkerStatus.STOPPED.value, "last_seen": f"{time.time():.6f}",
-                "running": 0, "current_tasks": "[]",
-            })
+            pipe.hset(
+                k.worker(self.id),
+                mapping={
+                    "status": WorkerStatus.STOPPED.value,
+                    "last_seen": f"{time.time():.6f}",
+                    "running": 0,
+                    "current_tasks": "[]",
+                },
+            )
             pipe.expire(k.worker(self.id), 86_400)
             pipe.srem(k.worker_ids, self.id)
             pipe.delete(k.heartbeat(self.id))
-            pipe.xadd(k.events, {"type": "worker.stopped", "worker_id": self.id},
-                      maxlen=100_000, approximate=True)
+            pipe.xadd(
+                k.events,
+                {"type": "worker.stopped", "worker_id": self.id},
+                maxlen=100_000,
+                approximate=True,
+            )
             await pipe.execute()
         pending = await self.conn.xpending(self.inbox, INBOX_GROUP)
         if not pending["pending"]:
@@ -148,19 +168,27 @@ class Worker:
         k = self.keys
         now = time.time()
         load = await asyncio.to_thread(sample_load, self.nvml)
-        status = (WorkerStatus.DRAINING if self._stopping.is_set()
-                  else WorkerStatus.BUSY if self.running else WorkerStatus.IDLE)
+        status = (
+            WorkerStatus.DRAINING
+            if self._stopping.is_set()
+            else WorkerStatus.BUSY
+            if self.running
+            else WorkerStatus.IDLE
+        )
         accrued = self.settings.cost_per_hour * (now - self.started_at) / 3600.0
         async with self.conn.pipeline(transaction=False) as pipe:
-            pipe.hset(k.worker(self.id), mapping={
-                "status": status.value,
-                "last_seen": f"{now:.6f}",
-                "load": json.dumps(load),
-                "running": len(self.running),
-                "current_tasks": json.dumps(sorted(self.running)),
-                "loaded_models": json.dumps(self.host.loaded_models()),
-                "cost_accrued": f"{accrued:.6f}",
-            })
+            pipe.hset(
+                k.worker(self.id),
+                mapping={
+                    "status": status.value,
+                    "last_seen": f"{now:.6f}",
+                    "load": json.dumps(load),
+                    "running": len(self.running),
+                    "current_tasks": json.dumps(sorted(self.running)),
+                    "loaded_models": json.dumps(self.host.loaded_models()),
+                    "cost_accrued": f"{accrued:.6f}",
+                },
+            )
             pipe.set(k.heartbeat(self.id), f"{now:.6f}", ex=self.settings.heartbeat_ttl)
             await pipe.execute()
 
@@ -236,24 +264,38 @@ class Worker:
         log.info("→ task %s attempt %d %s started", task_id, attempt, task_type)
         try:
             if proc is None:
-                raise ExecutorFailure({
-                    "kind": "permanent", "type": "UnknownExecutor", "retryable": False,
-                    "message": f"worker {self.id} has no executor {task_type!r}",
-                })
+                raise ExecutorFailure(
+                    {
+                        "kind": "permanent",
+                        "type": "UnknownExecutor",
+                        "retryable": False,
+                        "message": f"worker {self.id} has no executor {task_type!r}",
+                    }
+                )
             result = await proc.run(task_id, attempt, delivery.spec, str(out_dir))
             json.dumps(result)  # what cannot be stored must fail here, not in Redis
         except ExecutorFailure as exc:
             error = exc.info
         except (TypeError, ValueError) as exc:
-            error = {"kind": "bad_result", "type": type(exc).__name__, "retryable": False,
-                     "message": f"executor returned a result that is not JSON: {exc}"}
+            error = {
+                "kind": "bad_result",
+                "type": type(exc).__name__,
+                "retryable": False,
+                "message": f"executor returned a result that is not JSON: {exc}",
+            }
         status = TaskStatus.FAILED if error else TaskStatus.DONE
         elapsed = time.monotonic() - t0
         responses = {
-            "task_id": task_id, "attempt": attempt, "worker_id": self.id,
-            "task_type": task_type, "status": status.value,
-            "started_at": started_at, "finished_at": time.time(), "elapsed_sec": elapsed,
-            "result": result, "error": error,
+            "task_id": task_id,
+            "attempt": attempt,
+            "worker_id": self.id,
+            "task_type": task_type,
+            "status": status.value,
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "elapsed_sec": elapsed,
+            "result": result,
+            "error": error,
         }
         await asyncio.to_thread(write_outputs, out_dir, responses)
         recorded = await self.store.finish(
@@ -262,7 +304,14 @@ class Worker:
         if not recorded.ok:
             log.warning("task %s attempt %d result ignored: %s", task_id, attempt, recorded.reason)
         elif error:
-            log.warning("✗ task %s attempt %d %s failed in %.3fs: %s: %s", task_id, attempt,
-                        task_type, elapsed, error.get("kind"), error.get("message"))
+            log.warning(
+                "✗ task %s attempt %d %s failed in %.3fs: %s: %s",
+                task_id,
+                attempt,
+                task_type,
+                elapsed,
+                error.get("kind"),
+                error.get("message"),
+            )
         else:
             log.info("✓ task %s attempt %d %s done in %.3fs", task_id, attempt, task_type, elapsed)

@@ -57,8 +57,9 @@ class WorkerSettings:
             redis_url=env_str(env, "REDIS_URL"),
             results_dir=Path(env_str(env, "RESULTS_DIR", "./results_workers")).resolve(),
             task_topic=topic,
-            heartbeat_interval=env_float(env, "HEARTBEAT_INTERVAL_SEC", 30.0, minimum=0.0,
-                                         exclusive=True),
+            heartbeat_interval=env_float(
+                env, "HEARTBEAT_INTERVAL_SEC", 30.0, minimum=0.0, exclusive=True
+            ),
             worker_id=worker_id,
             tags=env_list(env, "WORKER_TAGS"),
             log_level=env_log_level(env),

@@ -1,0 +1,206 @@
+"""The HTTP API's contract: bad input named precisely and never stored, auth, listing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+
+def post(orch, body: str | bytes, content_type: str = "application/yaml") -> httpx.Response:
+    return orch.http.post("/api/v1/tasks", content=body, headers={"Content-Type": content_type})
+
+
+def nothing_stored(rdb) -> bool:
+    return rdb.zcard("tasks:all") == 0 and not rdb.keys("task:*")
+
+
+def test_malformed_yaml_is_400_with_the_line(orchestrator, rdb):
+    r = post(orchestrator, "spec:\n  taskType: echo\n  echo: {message: [unclosed\n")
+    assert r.status_code == 400
+    assert "malformed YAML" in r.json()["detail"]
+    assert "line" in r.json()["detail"]
+    assert nothing_stored(rdb)
+
+
+def test_malformed_json_is_400(orchestrator, rdb):
+    r = post(orchestrator, '{"spec": {"taskType": "echo",}', "application/json")
+    assert r.status_code == 400
+    assert "malformed JSON at line 1" in r.json()["detail"]
+    assert nothing_stored(rdb)
+
+
+def test_unknown_task_type_is_422_listing_the_allowed_ones(orchestrator, rdb):
+    r = post(orchestrator, "spec:\n  taskType: teleport\n")
+    assert r.status_code == 422
+    (err,) = r.json()["errors"]
+    assert err["loc"] == "spec.taskType"
+    assert "unknown task type 'teleport'" in err["msg"]
+    assert "echo" in err["msg"] and "inference" in err["msg"]
+    assert nothing_stored(rdb)
+
+
+@pytest.mark.parametrize(
+    ("spec", "loc", "words"),
+    [
+        ("spec:\n  taskType: echo\n  priority: high\n", "spec.priority", "integer"),
+        ("spec:\n  taskType: echo\n  timeoutSec: -5\n", "spec.timeoutSec", "greater than 0"),
+        ("spec:\n  taskType: echo\n  colour: red\n", "spec.colour", "Extra inputs"),
+        (
+            "spec:\n  taskType: echo\n  resources: {hardware: {gpu: {count: -1}}}\n",
+            "spec.resources.hardware.gpu.count",
+            "greater than or equal to 0",
+        ),
+        (
+            "spec:\n  taskType: echo\n  resources: {hardware: {memory: lots}}\n",
+            "spec.resources.hardware.memory",
+            "16Gi",
+        ),
+        ("apiVersion: flowmesh/v9\nspec: {taskType: echo}\n", "apiVersion", "flowmesh/v1"),
+        ("metadata: {name: x}\n", "spec", "Field required"),
+        (
+            "spec:\n  taskType: inference\n  data: {items: [hello]}\n",
+            "spec.model.source.identifier",
+            "required",
+        ),
+    ],
+)
+def test_wrong_fields_are_422_naming_the_field_path(orchestrator, rdb, spec, loc, words):
+    r = post(orchestrator, spec)
+    assert r.status_code == 422, r.text
+    errors = r.json()["errors"]
+    assert any(e["loc"] == loc and words in e["msg"] for e in errors), errors
+    assert loc in r.json()["detail"]
+    assert nothing_stored(rdb)
+
+
+def test_a_batch_with_one_bad_spec_stores_none_of_them(orchestrator, rdb):
+    body = [{"spec": {"taskType": "echo"}}, {"spec": {"taskType": "echo", "maxAttempts": 0}}]
+    r = orchestrator.http.post("/api/v1/tasks", json=body)
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"] == "[1].spec.maxAttempts"
+    assert nothing_stored(rdb)
+
+
+def test_yaml_multi_document_batch(orchestrator):
+    r = post(orchestrator, "spec: {taskType: echo}\n---\nspec: {taskType: echo}\n")
+    assert r.status_code == 201
+    assert len(r.json()["tasks"]) == 2
+
+
+def test_oversize_body_is_413_naming_the_limit(start_orchestrator, rdb):
+    orch = start_orchestrator(FLOWMESH_MAX_BODY_BYTES="2048")
+    r = post(orch, "spec: {taskType: echo, echo: {message: '" + "x" * 5000 + "'}}\n")
+    assert r.status_code == 413
+    assert "2048" in r.json()["detail"] and "FLOWMESH_MAX_BODY_BYTES" in r.json()["detail"]
+    assert nothing_stored(rdb)
+
+
+def test_yaml_aliases_are_refused(orchestrator, rdb):
+    r = post(orchestrator, "a: &x [1, 2]\nspec: {taskType: echo, data: {items: *x}}\n")
+    assert r.status_code == 400
+    assert "alias" in r.json()["detail"]
+    assert nothing_stored(rdb)
+
+
+def test_unsupported_content_type_is_415(orchestrator):
+    r = post(orchestrator, "taskType=echo", "application/x-www-form-urlencoded")
+    assert r.status_code == 415
+
+
+def test_unknown_task_is_404(orchestrator):
+    r = orchestrator.http.get("/api/v1/tasks/doesnotexist")
+    assert r.status_code == 404
+    assert "doesnotexist" in r.json()["detail"]
+
+
+def test_result_of_unfinished_task_is_409(orchestrator):
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo"}})
+    r = orchestrator.http.get(f"/api/v1/tasks/{task_id}/result")
+    assert r.status_code == 409
+    assert "PENDING" in r.json()["detail"]
+
+
+def test_listing_filters_and_paginates_with_a_cursor(orchestrator, start_worker):
+    ids = orchestrator.submit(*[{"spec": {"taskType": "echo"}} for _ in range(25)])
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 10, "status": "PENDING"}
+        if cursor:
+            params["cursor"] = cursor
+        page = orchestrator.http.get("/api/v1/tasks", params=params).json()
+        seen += [t["task_id"] for t in page["tasks"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == ids  # oldest first, no duplicates, none missing
+    assert pages == 3
+    assert (
+        orchestrator.http.get("/api/v1/tasks", params={"type": "inference"}).json()["tasks"] == []
+    )
+    r = orchestrator.http.get("/api/v1/tasks", params={"status": "SLEEPING"})
+    assert r.status_code == 422
+
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def test_token_auth_guards_everything_but_health(start_orchestrator):
+    orch = start_orchestrator(token=TOKEN)
+    base = orch.url
+    for path in ("/api/v1/tasks", "/api/v1/workers", "/docs", "/openapi.json"):
+        r = httpx.get(base + path)
+        assert r.status_code == 401, path
+        assert r.headers["www-authenticate"] == "Bearer"
+        r = httpx.get(base + path, headers={"Authorization": "Bearer wrong-token"})
+        assert r.status_code == 401, path
+        assert TOKEN not in r.text
+        r = httpx.get(base + path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, path
+    r = httpx.post(base + "/api/v1/tasks", json={"spec": {"taskType": "echo"}})
+    assert r.status_code == 401
+    assert orch.http.post("/api/v1/tasks", json={"spec": {"taskType": "echo"}}).status_code == 201
+    assert httpx.get(base + "/healthz").status_code == 200
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FLOWMESH_API_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_without_token_the_orchestrator_refuses_a_public_address(redis_url):
+    r = run_cli(["orchestrator.main", "--host", "0.0.0.0", "--port", "1"], {"REDIS_URL": redis_url})
+    assert r.returncode == 2
+    assert "FLOWMESH_API_TOKEN" in r.stderr and "0.0.0.0" in r.stderr
+
+
+@pytest.mark.parametrize("module", ["orchestrator.main", "worker.main"])
+def test_missing_or_unreachable_redis_is_named(module):
+    r = run_cli([module], {})
+    assert r.returncode == 2
+    assert "REDIS_URL is not set" in r.stderr
+    r = run_cli([module], {"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"})
+    assert r.returncode == 2
+    assert "cannot reach Redis at REDIS_URL" in r.stderr
+    assert "hunter2" not in r.stderr  # the password is never echoed
+
+
+def test_bad_worker_setting_is_named(redis_url):
+    r = run_cli(["worker.main"], {"REDIS_URL": redis_url, "HEARTBEAT_INTERVAL_SEC": "soon"})
+    assert r.returncode == 2
+    assert "HEARTBEAT_INTERVAL_SEC must be a number" in r.stderr
