@@ -43,3 +43,15 @@ def test_non_object_document():
     with pytest.raises(SpecError) as info:
         parse_task(["not", "a", "spec"])
     assert "expected a task spec object" in str(info.value)
+
+
+def test_every_template_is_a_valid_spec():
+    from pathlib import Path
+
+    import yaml
+
+    templates = sorted((Path(__file__).parents[2] / "templates").glob("*.yaml"))
+    assert templates
+    for path in templates:
+        for doc in yaml.safe_load_all(path.read_text()):
+            parse_task(doc)
