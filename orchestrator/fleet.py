@@ -17,7 +17,7 @@ import socket
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from flowmesh.keys import EVENTS_GROUP, Keys
 from flowmesh.spec import Requirements, TaskSpec
@@ -134,7 +134,7 @@ class Fleet:
                     if await self.conn.zcard(self.keys.pending_queue) > len(self.scheduler.pending):
                         await self._load_pending()
                 await self.place()
-            except (OSError, ConnectionError) as exc:
+            except (RedisError, OSError) as exc:
                 log.warning("placement paused: Redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 self._refresh_now = True
@@ -181,24 +181,28 @@ class Fleet:
     async def _events_loop(self) -> None:
         k = self.keys
         # Entries an earlier orchestrator read but never acked are taken over first.
-        start = "0-0"
-        while start:
-            reply = await self.conn.xautoclaim(
-                k.events, EVENTS_GROUP, self.consumer, min_idle_time=0, start_id=start, count=500
-            )
-            start = reply[0] if reply[0] != "0-0" else ""
-            await self._handle_events(reply[1])
+        claim_from: str | None = "0-0"
         while True:
             try:
-                reply = await self.conn.xreadgroup(
-                    EVENTS_GROUP, self.consumer, {k.events: ">"}, count=1000, block=1000
-                )
-            except (OSError, ConnectionError) as exc:
+                if claim_from is not None:
+                    next_id, entries, *_ = await self.conn.xautoclaim(
+                        k.events,
+                        EVENTS_GROUP,
+                        self.consumer,
+                        min_idle_time=0,
+                        start_id=claim_from,
+                        count=500,
+                    )
+                    claim_from = next_id if next_id != "0-0" else None
+                else:
+                    reply = await self.conn.xreadgroup(
+                        EVENTS_GROUP, self.consumer, {k.events: ">"}, count=1000, block=1000
+                    )
+                    entries = reply[0][1] if reply else []
+                await self._handle_events(entries)
+            except (RedisError, OSError) as exc:
                 log.warning("reading events failed: %s; retrying", exc)
                 await asyncio.sleep(1.0)
-                continue
-            if reply:
-                await self._handle_events(reply[0][1])
 
     async def _handle_events(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         if not entries:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from flowmesh import __version__
 from flowmesh.keys import INBOX_GROUP, Keys
@@ -161,7 +161,7 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 await self._beat()
-            except (OSError, ConnectionError) as exc:
+            except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 
     async def _beat(self) -> None:
@@ -207,7 +207,7 @@ class Worker:
                 reply = await self.conn.xreadgroup(
                     INBOX_GROUP, self.id, {self.inbox: start_id}, count=free, block=1000
                 )
-            except (OSError, ConnectionError) as exc:
+            except (RedisError, OSError) as exc:
                 log.warning("reading inbox %s failed: %s; retrying", self.inbox, exc)
                 await asyncio.sleep(1.0)
                 continue
