@@ -98,6 +98,40 @@ def cmd_workers(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
+    client = _client(args)
+    try:
+        reply = client.cancel(args.task_id)
+    except ApiError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    finally:
+        client.close()
+    console.print(f"{args.task_id} CANCELLED (was {reply['previous']})")
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace, console: Console) -> int:
+    client = _client(args)
+    try:
+        if args.requeue:
+            client.requeue(args.requeue)
+            console.print(f"{args.requeue} requeued")
+            return 0
+        for t in client.dead_letters(args.limit):
+            err = t.get("error") or {}
+            console.print(
+                f"{t['task_id']}  {t['task_type']:<10} attempts={t['attempts']} "
+                f"{err.get('kind')}: {err.get('message')}"
+            )
+    except ApiError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from flowmesh.demo import run_demo
 
@@ -134,6 +168,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--type")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("cancel", help="cancel a pending or running task")
+    s.add_argument("task_id")
+    s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("dead-letters", help="list tasks that failed for good, or requeue one")
+    s.add_argument("--requeue", metavar="TASK_ID", help="put this task back in the queue")
+    s.add_argument("--limit", type=int, default=100)
+    s.set_defaults(func=cmd_dead_letters)
 
     s = sub.add_parser("workers", help="list registered workers")
     s.set_defaults(func=cmd_workers)

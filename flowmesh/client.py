@@ -50,6 +50,16 @@ class Client:
         clean = {k: v for k, v in params.items() if v is not None}
         return dict(self._check(self.http.get("/api/v1/tasks", params=clean)))
 
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return dict(self._check(self.http.post(f"/api/v1/tasks/{task_id}/cancel")))
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        r = self.http.get("/api/v1/dead-letters", params={"limit": limit})
+        return list(self._check(r)["tasks"])
+
+    def requeue(self, task_id: str) -> dict[str, Any]:
+        return dict(self._check(self.http.post(f"/api/v1/dead-letters/{task_id}/requeue")))
+
     def workers(self) -> list[dict[str, Any]]:
         return list(self._check(self.http.get("/api/v1/workers"))["workers"])
 

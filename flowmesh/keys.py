@@ -39,6 +39,10 @@ class Keys:
     def worker_tasks(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}:tasks"
 
+    def control(self, worker_id: str) -> str:
+        """Pub/sub channel for prompt notices (cancel); never the only path for a fact."""
+        return f"{self.prefix}worker:{worker_id}:control"
+
     def inbox(self, topic: str, worker_id: str) -> str:
         return f"{self.prefix}{topic}:inbox:{worker_id}"
 
@@ -60,6 +64,13 @@ class Keys:
     @property
     def pending_queue(self) -> str:
         return f"{self.prefix}tasks:pending"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}tasks:dead"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}idempotency:{key}"
 
     # -- events ----------------------------------------------------------------
     @property

@@ -150,7 +150,10 @@ class TaskBody(StrictModel):
     output: OutputSpec | None = None
     priority: int = Field(0, ge=-1000, le=1000)
     timeoutSec: float | None = Field(None, gt=0, le=7 * 86_400)
-    maxAttempts: int = Field(3, ge=1, le=100)
+    maxAttempts: int = Field(3, ge=1, le=100, description="Real failures allowed before FAILED")
+    retryBackoffSec: float = Field(
+        1.0, ge=0, le=3600, description="First retry delay; doubles per failure, capped at 300 s"
+    )
 
 
 class Metadata(StrictModel):

@@ -56,3 +56,4 @@ class WorkerStatus(StrEnum):
     BUSY = "busy"
     DRAINING = "draining"
     STOPPED = "stopped"
+    LOST = "lost"  # stopped heartbeating; its tasks were re-placed

@@ -8,6 +8,7 @@ so a crash between two commands can never leave a task half-moved.
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.spec import Requirements, TaskSpec
@@ -55,6 +57,17 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class QueueEntry:
+    """A PENDING task as the scheduler queues it."""
+
+    task_id: str
+    requirements: Requirements
+    score: float
+    not_before: float = 0.0
+    avoid: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Outcome:
     ok: bool
     reason: str = ""
@@ -70,45 +83,74 @@ class TaskStore:
         self.keys = keys
         self._dispatch = conn.register_script(_script("dispatch"))
         self._start = conn.register_script(_script("start"))
-        self._finish = conn.register_script(_script("finish"))
+        self._settle = conn.register_script(_script("settle"))
+        self._cancel = conn.register_script(_script("cancel"))
+        self._requeue_dead = conn.register_script(_script("requeue_dead"))
 
     # -- submit ------------------------------------------------------------------
-    async def submit(self, specs: list[TaskSpec]) -> list[NewTask]:
-        """Store a batch of PENDING tasks all at once, or none of them."""
+    async def submit(
+        self, specs: list[TaskSpec], idempotency_key: str | None = None, ttl: int = 86_400
+    ) -> tuple[list[NewTask], list[str] | None]:
+        """Store a batch of PENDING tasks all at once, or none of them.
+
+        With an idempotency key seen before, nothing is stored and the ids created the
+        first time are returned instead (second element); otherwise that is None.
+        """
         if not specs:
-            return []
+            return [], None
         last = await self.conn.incrby(self.keys.task_seq, len(specs))
         now = f"{time.time():.6f}"
         tasks = [
             NewTask(uuid.uuid4().hex, last - len(specs) + 1 + i, spec, Requirements.of(spec.spec))
             for i, spec in enumerate(specs)
         ]
-        pending = self.keys.tasks_by_status(TaskStatus.PENDING)
+        idem = self.keys.idempotency(idempotency_key) if idempotency_key else None
         async with self.conn.pipeline(transaction=True) as pipe:
-            for t in tasks:
-                body = t.spec.spec
-                pipe.hset(
-                    self.keys.task(t.task_id),
-                    mapping={
-                        "task_id": t.task_id,
-                        "name": t.spec.metadata.name or "",
-                        "task_type": body.taskType,
-                        "status": TaskStatus.PENDING.value,
-                        "priority": body.priority,
-                        "seq": t.seq,
-                        "attempts": 0,
-                        "max_attempts": body.maxAttempts,
-                        "spec": t.spec.model_dump_json(),
-                        "requirements": t.requirements.model_dump_json(),
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
-                pipe.zadd(self.keys.tasks_all, {t.task_id: t.seq})
-                pipe.zadd(pending, {t.task_id: t.seq})
-                pipe.zadd(self.keys.pending_queue, {t.task_id: t.score})
-            await pipe.execute()
-        return tasks
+            while True:
+                try:
+                    if idem is not None:
+                        await pipe.watch(idem)
+                        existing = await pipe.get(idem)
+                        if existing is not None:
+                            await pipe.reset()
+                            return [], list(json.loads(existing))
+                    pipe.multi()
+                    self._queue_new(pipe, tasks, now)
+                    if idem is not None:
+                        pipe.set(idem, json.dumps([t.task_id for t in tasks]), ex=ttl)
+                    await pipe.execute()
+                    return tasks, None
+                except WatchError:
+                    continue  # another request with the same key won the race: read its ids
+
+    def _queue_new(self, pipe: Any, tasks: list[NewTask], now: str) -> None:
+        pending = self.keys.tasks_by_status(TaskStatus.PENDING)
+        for t in tasks:
+            body = t.spec.spec
+            pipe.hset(
+                self.keys.task(t.task_id),
+                mapping={
+                    "task_id": t.task_id,
+                    "name": t.spec.metadata.name or "",
+                    "task_type": body.taskType,
+                    "status": TaskStatus.PENDING.value,
+                    "priority": body.priority,
+                    "seq": t.seq,
+                    "attempts": 0,
+                    "failures": 0,
+                    "max_attempts": body.maxAttempts,
+                    "retry_backoff": body.retryBackoffSec,
+                    "timeout_sec": body.timeoutSec or "",
+                    "spec": t.spec.model_dump_json(),
+                    "requirements": t.requirements.model_dump_json(),
+                    "history": "[]",
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            pipe.zadd(self.keys.tasks_all, {t.task_id: t.seq})
+            pipe.zadd(pending, {t.task_id: t.seq})
+            pipe.zadd(self.keys.pending_queue, {t.task_id: t.score})
 
     # -- read --------------------------------------------------------------------
     async def get(self, task_id: str) -> dict[str, Any] | None:
@@ -156,6 +198,33 @@ class TaskStore:
             raws = await pipe.execute()
         return [Requirements.model_validate_json(r) if r else None for r in raws]
 
+    async def queue_entries(self, task_ids: list[str]) -> list[QueueEntry | None]:
+        """What the scheduler needs to queue each PENDING task (None if not PENDING)."""
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hmget(
+                    self.keys.task(task_id),
+                    ["status", "requirements", "priority", "seq", "retry_at", "avoid_workers"],
+                )
+            rows = await pipe.execute()
+        out: list[QueueEntry | None] = []
+        for task_id, (status, req, priority, seq, retry_at, avoid) in zip(
+            task_ids, rows, strict=True
+        ):
+            if status != TaskStatus.PENDING.value or not req:
+                out.append(None)
+                continue
+            out.append(
+                QueueEntry(
+                    task_id=task_id,
+                    requirements=Requirements.model_validate_json(req),
+                    score=pending_score(int(priority or 0), int(seq)),
+                    not_before=float(retry_at) if retry_at else 0.0,
+                    avoid=frozenset(a for a in (avoid or "").split(",") if a),
+                )
+            )
+        return out
+
     async def set_reason(self, task_ids: list[str], reason: str) -> None:
         """Say why PENDING tasks wait; only for tasks still PENDING."""
         async with self.conn.pipeline(transaction=False) as pipe:
@@ -201,39 +270,105 @@ class TaskStore:
         )
         return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
 
-    async def finish(
+    async def settle(
         self,
-        delivery: Delivery,
+        task_id: str,
+        attempt: int,
         worker_id: str,
-        inbox: str,
-        status: TaskStatus,
         *,
+        outcome: TaskStatus,
         result: Any = None,
         error: dict[str, Any] | None = None,
+        charge: bool = True,
+        immediate: bool = False,
+        avoid: bool = True,
+        inbox: str = "",
+        stream_id: str = "",
     ) -> Outcome:
+        """End an attempt: DONE, or a retry after backoff, or FAILED and dead-lettered.
+
+        `charge` says whether the failure counts toward maxAttempts (a hand-back does
+        not); `immediate` skips the backoff (a lost worker is not the task's fault).
+        """
         k = self.keys
-        reply = await self._finish(
+        kind = (error or {}).get("kind", "")
+        retryable = bool((error or {}).get("retryable", True))
+        reply = await self._settle(
             keys=[
-                k.task(delivery.task_id),
+                k.task(task_id),
                 k.tasks_by_status(TaskStatus.DISPATCHED),
                 k.tasks_by_status(TaskStatus.RUNNING),
-                k.tasks_by_status(status),
+                k.tasks_by_status(TaskStatus.PENDING),
+                k.tasks_by_status(TaskStatus.DONE),
+                k.tasks_by_status(TaskStatus.FAILED),
+                k.pending_queue,
+                k.dead_letters,
                 k.worker_tasks(worker_id),
-                inbox,
                 k.events,
+                inbox or k.events,
             ],
             args=[
-                delivery.task_id,
-                delivery.attempt,
+                task_id,
+                attempt,
                 worker_id,
-                status.value,
+                f"{time.time():.6f}",
+                outcome.value,
                 json.dumps(result) if result is not None else "",
                 json.dumps(error) if error else "",
-                f"{time.time():.6f}",
-                delivery.stream_id,
+                kind,
+                int(retryable),
+                int(charge),
+                int(immediate),
+                int(avoid),
+                random.random(),
                 INBOX_GROUP,
                 EVENTS_MAXLEN,
+                stream_id,
             ],
+        )
+        return Outcome(bool(reply[0]), str(reply[1]))
+
+    async def cancel(self, task_id: str) -> tuple[bool, str, str, int]:
+        """(cancelled?, previous or current status, worker id, attempt)."""
+        k = self.keys
+        reply = await self._cancel(
+            keys=[
+                k.task(task_id),
+                k.pending_queue,
+                k.tasks_by_status(TaskStatus.PENDING),
+                k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING),
+                k.tasks_by_status(TaskStatus.CANCELLED),
+                k.events,
+            ],
+            args=[task_id, f"{time.time():.6f}", EVENTS_MAXLEN],
+        )
+        if not reply[0]:
+            return False, str(reply[1]), "", 0
+        return True, str(reply[1]), str(reply[2]), int(reply[3])
+
+    async def dead_letters(self, limit: int, after: float | None) -> list[dict[str, Any]]:
+        low = f"({after}" if after is not None else "-inf"
+        ids = await self.conn.zrangebyscore(
+            self.keys.dead_letters, low, "+inf", start=0, num=limit, withscores=True
+        )
+        rows = await self.get_many([task_id for task_id, _ in ids])
+        for row, (_, score) in zip(rows, ids, strict=False):
+            row["dead_lettered_at"] = score
+        return rows
+
+    async def requeue_dead(self, task_id: str) -> Outcome:
+        k = self.keys
+        reply = await self._requeue_dead(
+            keys=[
+                k.task(task_id),
+                k.dead_letters,
+                k.tasks_by_status(TaskStatus.FAILED),
+                k.tasks_by_status(TaskStatus.PENDING),
+                k.pending_queue,
+                k.events,
+            ],
+            args=[task_id, f"{time.time():.6f}", EVENTS_MAXLEN],
         )
         return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
 
@@ -252,6 +387,7 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "status": status.value,
         "priority": int(raw.get("priority", 0)),
         "attempts": int(raw.get("attempts", 0)),
+        "failures": int(raw.get("failures", 0)),
         "max_attempts": int(raw.get("max_attempts", 0)),
         "worker_id": raw.get("worker_id") or None,
         "reason": raw.get("reason") or None if status == TaskStatus.PENDING else None,
@@ -262,6 +398,8 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "started_at": num("started_at"),
         "finished_at": num("finished_at"),
         "updated_at": num("updated_at"),
+        "retry_at": num("retry_at") if status == TaskStatus.PENDING else None,
+        "history": _loads(raw.get("history")) or [],
         "active": status in ACTIVE,
         "spec": _loads(raw.get("spec")),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from orchestrator.documents import BodyError, decode, validate
 from orchestrator.fleet import Fleet
 
 router = APIRouter(prefix="/api/v1")
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 _SPEC_SCHEMA = TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
 _SUBMIT_BODY = {
@@ -87,7 +89,26 @@ async def submit_tasks(request: Request) -> Any:
         )
     except SpecError as exc:
         return _spec_error(exc)
-    tasks = await f.submit(specs)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        return JSONResponse(
+            status_code=422,
+            content={"detail": "Idempotency-Key header: 1-200 letters, digits and -_.: only"},
+        )
+    tasks, existing = await f.submit(specs, key)
+    if existing is not None:
+        # Seen before: the first request's tasks as they are now; nothing new is stored.
+        rows = await f.store.get_many(existing)
+        return JSONResponse(
+            status_code=200,
+            content={
+                "tasks": [
+                    {"task_id": r["task_id"], "name": r["name"], "status": r["status"]}
+                    for r in rows
+                ],
+                "idempotent_replay": True,
+            },
+        )
     return {
         "tasks": [
             {"task_id": t.task_id, "name": t.spec.metadata.name, "status": TaskStatus.PENDING.value}
@@ -99,8 +120,9 @@ async def submit_tasks(request: Request) -> Any:
 def _live_reason(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
     if task["status"] == TaskStatus.PENDING.value:
         entry = f.scheduler.pending.get(task["task_id"])
-        if entry is not None:
-            task["reason"] = f.scheduler.explain(entry[0])
+        retry_at = task.get("retry_at") or 0
+        if entry is not None and retry_at <= time.time():
+            task["reason"] = f.scheduler.explain(entry.requirements)
     return task
 
 
@@ -121,6 +143,43 @@ async def get_result(task_id: str, request: Request) -> Any:
     if task["status"] != TaskStatus.DONE.value:
         raise HTTPException(409, f"task {task_id} is {task['status']}, not DONE; no result yet")
     return {"task_id": task_id, "status": task["status"], "result": task["result"]}
+
+
+@router.post("/tasks/{task_id}/cancel", summary="Cancel a pending or running task")
+async def cancel_task(task_id: str, request: Request) -> Any:
+    cancelled, status = await fleet(request).cancel(task_id)
+    if status == "missing":
+        raise HTTPException(404, f"no task with id {task_id!r}")
+    if not cancelled:
+        raise HTTPException(409, f"task {task_id} is already {status}; nothing to cancel")
+    return {"task_id": task_id, "status": TaskStatus.CANCELLED.value, "previous": status}
+
+
+@router.get("/dead-letters", summary="Tasks that failed for good, newest last, with their error")
+async def dead_letters(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[float | None, Query(description="next_cursor of the previous page")] = None,
+) -> Any:
+    rows = await fleet(request).store.dead_letters(limit, cursor)
+    for row in rows:
+        row.pop("spec", None)
+    next_cursor = rows[-1]["dead_lettered_at"] if len(rows) == limit else None
+    return {"tasks": rows, "next_cursor": next_cursor}
+
+
+@router.post(
+    "/dead-letters/{task_id}/requeue",
+    summary="Put a dead-lettered task back in the queue with a fresh failure budget",
+)
+async def requeue_dead_letter(task_id: str, request: Request) -> Any:
+    f = fleet(request)
+    outcome = await f.store.requeue_dead(task_id)
+    if not outcome.ok:
+        if await f.store.get(task_id) is None:
+            raise HTTPException(404, f"no task with id {task_id!r}")
+        raise HTTPException(409, f"task {task_id} cannot be requeued: {outcome.reason}")
+    return {"task_id": task_id, "status": TaskStatus.PENDING.value}
 
 
 @router.get("/tasks", summary="List tasks, filtered by status and type, oldest first")

@@ -27,7 +27,13 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conn = await connect(settings.redis_url)
         await check_server(conn)
-        fleet = Fleet(conn, Keys(settings.key_prefix), refresh_sec=settings.refresh_sec)
+        fleet = Fleet(
+            conn,
+            Keys(settings.key_prefix),
+            refresh_sec=settings.refresh_sec,
+            lease_intervals=settings.lease_intervals,
+            idempotency_ttl=settings.idempotency_ttl,
+        )
         await fleet.start()
         app.state.fleet = fleet
         log.info(

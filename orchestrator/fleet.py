@@ -19,9 +19,10 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from flowmesh.keys import EVENTS_GROUP, Keys
+from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
-from flowmesh.store import NewTask, TaskStore
+from flowmesh.status import TaskStatus, WorkerStatus
+from flowmesh.store import EVENTS_MAXLEN, NewTask, QueueEntry, TaskStore
 from orchestrator.scheduler import Scheduler, WorkerView
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,24 @@ PLAN_BATCH = 1000
 
 
 class Fleet:
-    def __init__(self, conn: aioredis.Redis, keys: Keys, refresh_sec: float = 1.0):
+    def __init__(
+        self,
+        conn: aioredis.Redis,
+        keys: Keys,
+        refresh_sec: float = 1.0,
+        lease_intervals: float = 2.0,
+        idempotency_ttl: int = 86_400,
+    ):
         self.conn = conn
         self.keys = keys
         self.store = TaskStore(conn, keys)
         self.scheduler = Scheduler()
         self.refresh_sec = refresh_sec
+        self.lease_intervals = lease_intervals
+        self.idempotency_ttl = idempotency_ttl
+        # No worker is declared lost before this time: after our own Redis trouble the
+        # workers' beats may be late through no fault of theirs.
+        self._reap_after = 0.0
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._wake = asyncio.Event()
         self._refresh_now = True
@@ -67,37 +80,128 @@ class Fleet:
         self._wake.set()
 
     # -- submit ------------------------------------------------------------------
-    async def submit(self, specs: list[TaskSpec]) -> list[NewTask]:
-        tasks = await self.store.submit(specs)
+    async def submit(
+        self, specs: list[TaskSpec], idempotency_key: str | None = None
+    ) -> tuple[list[NewTask], list[str] | None]:
+        tasks, existing = await self.store.submit(specs, idempotency_key, self.idempotency_ttl)
+        now = time.time()
         for t in tasks:
-            self.scheduler.add_pending(t.task_id, t.requirements, t.score)
+            self.scheduler.add_pending(QueueEntry(t.task_id, t.requirements, t.score), now)
         self.wake()
-        return tasks
+        return tasks, existing
+
+    async def cancel(self, task_id: str) -> tuple[bool, str]:
+        """Cancel a task; a running one's worker is told to stop it at once."""
+        cancelled, previous, worker_id, attempt = await self.store.cancel(task_id)
+        if cancelled:
+            self.scheduler.discard_pending(task_id)
+            if worker_id:
+                await self.conn.publish(self.keys.control(worker_id), f"cancel {task_id} {attempt}")
+        return cancelled, previous
 
     # -- fleet snapshot ----------------------------------------------------------
     async def refresh(self) -> None:
-        """Re-read every registered worker, its liveness and the tasks it holds."""
+        """Re-read every registered worker, its liveness and the tasks it holds; workers
+        whose lease ran out are declared lost and their tasks re-placed."""
         k = self.keys
         ids = sorted(await self.conn.smembers(k.worker_ids))
         async with self.conn.pipeline(transaction=False) as pipe:
             for wid in ids:
                 pipe.hgetall(k.worker(wid))
-                pipe.exists(k.heartbeat(wid))
+                pipe.pttl(k.heartbeat(wid))
                 pipe.smembers(k.worker_tasks(wid))
             replies = await pipe.execute()
         views: list[WorkerView] = []
         held: dict[str, str] = {}
+        lost: list[tuple[str, float, set[str]]] = []
         for i, wid in enumerate(ids):
-            raw, alive, tasks = replies[3 * i : 3 * i + 3]
+            raw, pttl, tasks = replies[3 * i : 3 * i + 3]
             if not raw or "inbox" not in raw:
                 continue
-            views.append(WorkerView.from_hash(raw, bool(alive)))
+            silent = self._silence(raw, pttl)
+            if silent is not None and time.monotonic() >= self._reap_after:
+                lost.append((wid, silent, set(tasks)))
+                continue
+            views.append(WorkerView.from_hash(raw, alive=silent is None))
             held.update({task_id: wid for task_id in tasks})
+        for wid, silent, tasks in lost:
+            await self._reap(wid, silent, tasks)
         await self._sync_active(held)
         running = {wid: sum(1 for w in held.values() if w == wid) for wid in ids}
         self.scheduler.set_workers(views, running)
         self._last_refresh = time.monotonic()
         self._refresh_now = False
+
+    def _silence(self, raw: dict[str, str], pttl: int) -> float | None:
+        """Seconds since the worker's last beat when past its lease, else None.
+
+        Measured with the heartbeat key's remaining TTL, on Redis's clock, so clock skew
+        between machines cannot make a live worker look dead.
+        """
+        interval = float(raw.get("heartbeat_interval") or 30)
+        lease = self.lease_intervals * interval + 1.0
+        if pttl is None or pttl < 0:
+            return lease  # key gone: at least the lease has passed
+        silent = heartbeat_ttl(interval) - pttl / 1000.0
+        return silent if silent > lease else None
+
+    async def _reap(self, worker_id: str, silent: float, tasks: set[str]) -> None:
+        """A worker stopped beating: re-place its tasks (attempt + 1) and forget it."""
+        k = self.keys
+        log.warning(
+            "worker %s lost: no heartbeat for %.1fs; re-placing %d task(s)",
+            worker_id,
+            silent,
+            len(tasks),
+        )
+        error = {
+            "kind": "worker_lost",
+            "type": "WorkerLost",
+            "retryable": True,
+            "message": f"worker {worker_id} stopped heartbeating ({silent:.1f}s)",
+        }
+        ids = sorted(tasks)
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hget(k.task(task_id), "attempts")
+            attempts = await pipe.execute()
+        for task_id, attempt in zip(ids, attempts, strict=True):
+            if attempt is None:
+                continue
+            outcome = await self.store.settle(
+                task_id,
+                int(attempt),
+                worker_id,
+                outcome=TaskStatus.FAILED,
+                error=error,
+                charge=True,
+                immediate=True,
+                avoid=True,
+            )
+            if outcome.ok:
+                log.info(
+                    "task %s attempt %s: worker %s lost → %s",
+                    task_id,
+                    attempt,
+                    worker_id,
+                    outcome.reason,
+                )
+        raw_inbox = await self.conn.hget(k.worker(worker_id), "inbox")
+        async with self.conn.pipeline(transaction=True) as pipe:
+            pipe.hset(k.worker(worker_id), mapping={"status": WorkerStatus.LOST.value})
+            pipe.expire(k.worker(worker_id), 86_400)
+            pipe.srem(k.worker_ids, worker_id)
+            pipe.delete(k.heartbeat(worker_id), k.worker_tasks(worker_id))
+            if raw_inbox:
+                pipe.delete(raw_inbox)
+            pipe.xadd(
+                k.events,
+                {"type": "worker.lost", "worker_id": worker_id},
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+            )
+            await pipe.execute()
+        self._refresh_now = True
 
     async def _sync_active(self, held: dict[str, str]) -> None:
         active = self.scheduler.active
@@ -112,15 +216,17 @@ class Fleet:
     async def _load_pending(self) -> None:
         """Bring every task in Redis's pending queue into the in-memory queues."""
         entries = await self.store.pending_ids()
-        missing = [(t, s) for t, s in entries if t not in self.scheduler.pending]
-        for start in range(0, len(missing), 1000):
-            chunk = missing[start : start + 1000]
-            reqs = await self.store.requirements([t for t, _ in chunk])
-            for (task_id, score), req in zip(chunk, reqs, strict=True):
-                if req is not None:
-                    self.scheduler.add_pending(task_id, req, score)
+        missing = [t for t, _ in entries if t not in self.scheduler.pending]
+        await self._enqueue(missing)
         if missing:
             log.info("loaded %d pending task(s) from Redis", len(missing))
+
+    async def _enqueue(self, task_ids: list[str]) -> None:
+        now = time.time()
+        for start in range(0, len(task_ids), 1000):
+            for entry in await self.store.queue_entries(task_ids[start : start + 1000]):
+                if entry is not None:
+                    self.scheduler.add_pending(entry, now)
 
     # -- placement ---------------------------------------------------------------
     async def _placement_loop(self) -> None:
@@ -138,12 +244,13 @@ class Fleet:
                 log.warning("placement paused: Redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 self._refresh_now = True
+                self._reap_after = time.monotonic() + self._longest_lease()
 
     async def place(self) -> int:
         """Place as many pending tasks as the fleet has room for; returns how many."""
         placed = 0
         while True:
-            plan, blocked = self.scheduler.plan(PLAN_BATCH)
+            plan, blocked = self.scheduler.plan(PLAN_BATCH, time.time())
             if plan:
                 outcomes = await self.store.dispatch(
                     [(p.task_id, p.worker_id, p.inbox) for p in plan]
@@ -207,11 +314,24 @@ class Fleet:
     async def _handle_events(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         if not entries:
             return
+        requeued: list[str] = []
         for _, fields in entries:
             kind = fields.get("type", "")
             if kind == "task.finished":
                 self.scheduler.release(fields["task_id"])
                 self.wake()
-            elif kind in ("worker.registered", "worker.stopped", "task.stale"):
+            elif kind == "task.retry":
+                self.scheduler.release(fields["task_id"])
+                requeued.append(fields["task_id"])
+            elif kind == "task.cancelled":
+                self.scheduler.discard_pending(fields["task_id"])
+            elif kind in ("worker.registered", "worker.stopped", "worker.lost", "task.stale"):
                 self.wake(refresh=True)
+        if requeued:
+            await self._enqueue(requeued)
+            self.wake()
         await self.conn.xack(self.keys.events, EVENTS_GROUP, *[i for i, _ in entries])
+
+    def _longest_lease(self) -> float:
+        intervals = [30.0] + [w.heartbeat_interval for w in self.scheduler.workers.values()]
+        return self.lease_intervals * max(intervals) + 1.0

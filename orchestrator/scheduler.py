@@ -18,6 +18,7 @@ from typing import Any
 
 from flowmesh.spec import Requirements
 from flowmesh.status import WorkerStatus
+from flowmesh.store import QueueEntry
 
 TAKING_WORK = frozenset({WorkerStatus.IDLE.value, WorkerStatus.BUSY.value})
 
@@ -42,6 +43,7 @@ class WorkerView:
     alive: bool
     cost_per_hour: float = 1.0
     loaded_models: frozenset[str] = frozenset()
+    heartbeat_interval: float = 30.0
     running: int = 0
     used_cpu: float = 0.0
     used_memory: int = 0
@@ -63,6 +65,7 @@ class WorkerView:
             alive=alive,
             cost_per_hour=float(raw.get("cost_per_hour", 1.0)),
             loaded_models=frozenset(json.loads(raw.get("loaded_models") or "[]")),
+            heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
         )
 
     def matching_gpus(self, req: Requirements) -> int:
@@ -122,16 +125,17 @@ class Placement:
     task_id: str
     worker_id: str
     inbox: str
-    requirements: Requirements
-    score: float
+    entry: QueueEntry
 
 
 @dataclass
 class Scheduler:
     workers: dict[str, WorkerView] = field(default_factory=dict)
-    # pending task -> (requirements, queue score); the heaps may hold stale entries
-    pending: dict[str, tuple[Requirements, float]] = field(default_factory=dict)
+    # pending task -> its queue entry; the heaps may hold stale entries, skipped when met
+    pending: dict[str, QueueEntry] = field(default_factory=dict)
     queues: dict[Requirements, list[tuple[float, str]]] = field(default_factory=dict)
+    # tasks waiting out a retry backoff: (not before, task id)
+    delayed: list[tuple[float, str]] = field(default_factory=list)
     # placed task -> (worker, requirements): what each worker's resources are used by
     active: dict[str, tuple[str, Requirements]] = field(default_factory=dict)
     _candidates: dict[Requirements, list[WorkerView]] = field(default_factory=dict)
@@ -170,9 +174,33 @@ class Scheduler:
         return f"waiting for a free slot or resources on {len(live)} eligible worker(s)"
 
     # -- tasks -------------------------------------------------------------------
-    def add_pending(self, task_id: str, req: Requirements, score: float) -> None:
-        self.pending[task_id] = (req, score)
-        heapq.heappush(self.queues.setdefault(req, []), (score, task_id))
+    def add_pending(self, entry: QueueEntry, now: float) -> None:
+        self.pending[entry.task_id] = entry
+        if entry.not_before > now:
+            heapq.heappush(self.delayed, (entry.not_before, entry.task_id))
+        else:
+            heapq.heappush(
+                self.queues.setdefault(entry.requirements, []), (entry.score, entry.task_id)
+            )
+
+    def promote_due(self, now: float) -> None:
+        while self.delayed and self.delayed[0][0] <= now:
+            not_before, task_id = heapq.heappop(self.delayed)
+            entry = self.pending.get(task_id)
+            if entry is not None and entry.not_before == not_before:
+                heapq.heappush(
+                    self.queues.setdefault(entry.requirements, []), (entry.score, task_id)
+                )
+
+    def next_due(self) -> float | None:
+        """When the earliest backoff ends, if any task waits on one."""
+        while self.delayed:
+            not_before, task_id = self.delayed[0]
+            entry = self.pending.get(task_id)
+            if entry is not None and entry.not_before == not_before:
+                return not_before
+            heapq.heappop(self.delayed)
+        return None
 
     def discard_pending(self, task_id: str) -> None:
         self.pending.pop(task_id, None)  # its heap entry is skipped when it surfaces
@@ -190,16 +218,21 @@ class Scheduler:
         while queue:
             score, task_id = queue[0]
             current = self.pending.get(task_id)
-            if current is not None and current[0] == req and current[1] == score:
+            if current is not None and current.requirements == req and current.score == score:
                 return queue[0]
             heapq.heappop(queue)
         self.queues.pop(req, None)
         return None
 
-    def choose(self, req: Requirements) -> WorkerView | None:
+    def choose(self, req: Requirements, avoid: frozenset[str] = frozenset()) -> WorkerView | None:
+        """The best worker for `req` now; workers in `avoid` (where an earlier attempt
+        failed) only when no other worker could ever run it."""
+        candidates = self.candidates(req)
+        if avoid:
+            candidates = [w for w in candidates if w.worker_id not in avoid] or candidates
         best: WorkerView | None = None
         best_key: tuple[int, float, float, str] | None = None
-        for w in self.candidates(req):
+        for w in candidates:
             if not w.fits_now(req):
                 continue
             key = (
@@ -212,8 +245,9 @@ class Scheduler:
                 best, best_key = w, key
         return best
 
-    def plan(self, limit: int) -> tuple[list[Placement], list[Requirements]]:
+    def plan(self, limit: int, now: float) -> tuple[list[Placement], list[Requirements]]:
         """Up to `limit` placements in queue order, and the requirements left blocked."""
+        self.promote_due(now)
         tie = itertools.count()
         heads: list[tuple[float, int, Requirements]] = []
         for req in list(self.queues):
@@ -225,15 +259,17 @@ class Scheduler:
         blocked: list[Requirements] = []
         while heads and len(out) < limit:
             _, _, req = heapq.heappop(heads)
-            worker = self.choose(req)
+            head = self._head(req)
+            assert head is not None
+            worker = self.choose(req, self.pending[head[1]].avoid)
             if worker is None:
                 blocked.append(req)
                 continue
-            score, task_id = heapq.heappop(self.queues[req])
-            del self.pending[task_id]
+            _, task_id = heapq.heappop(self.queues[req])
+            entry = self.pending.pop(task_id)
             worker.take(req)
             self.active[task_id] = (worker.worker_id, req)
-            out.append(Placement(task_id, worker.worker_id, worker.inbox, req, score))
+            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry))
             head = self._head(req)
             if head is not None:
                 heapq.heappush(heads, (head[0], next(tie), req))
@@ -243,7 +279,7 @@ class Scheduler:
         """A placement Redis refused: give the resources back, and requeue the task."""
         self.release(placement.task_id)
         if requeue:
-            self.add_pending(placement.task_id, placement.requirements, placement.score)
+            self.add_pending(placement.entry, now=0.0)
 
     def blocked_tasks(self, req: Requirements) -> list[str]:
-        return [task_id for task_id, (r, _) in self.pending.items() if r == req]
+        return [task_id for task_id, e in self.pending.items() if e.requirements == req]

@@ -31,6 +31,8 @@ class OrchestratorSettings:
     max_batch: int
     refresh_sec: float
     results_dir: Path
+    lease_intervals: float
+    idempotency_ttl: int
 
     @classmethod
     def from_env(cls, env: Env, *, host: str, port: int) -> OrchestratorSettings:
@@ -54,4 +56,6 @@ class OrchestratorSettings:
             max_batch=env_int(env, "FLOWMESH_MAX_BATCH", 10_000, minimum=1),
             refresh_sec=env_float(env, "SCHEDULER_REFRESH_SEC", 1.0, minimum=0.05),
             results_dir=Path(env_str(env, "ORCHESTRATOR_RESULTS_DIR", "./orchestrator_results")),
+            lease_intervals=env_float(env, "WORKER_LEASE_INTERVALS", 2.0, minimum=1.0),
+            idempotency_ttl=env_int(env, "FLOWMESH_IDEMPOTENCY_TTL_SEC", 86_400, minimum=1),
         )

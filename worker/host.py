@@ -12,7 +12,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import threading
-import uuid
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -20,6 +19,17 @@ from typing import Any
 from worker.child import child_main
 
 log = logging.getLogger(__name__)
+
+
+# A task whose child was killed because of another task (or a hand-back): not its
+# fault, so it is re-placed at once and the attempt is not charged.
+INTERRUPTED: dict[str, Any] = {
+    "kind": "interrupted",
+    "type": "ExecutorInterrupted",
+    "message": "executor process was stopped because of another task; handed back",
+    "retryable": True,
+    "charge": False,
+}
 
 
 class ExecutorFailure(Exception):
@@ -42,6 +52,9 @@ class ExecutorProcess:
         self._ready: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set when we kill the child on purpose: the error each request gets, by request id;
+        # requests not named were bystanders and get INTERRUPTED (not the task's fault).
+        self._kill_reasons: dict[str, dict[str, Any]] | None = None
 
     @property
     def alive(self) -> bool:
@@ -71,22 +84,32 @@ class ExecutorProcess:
         log.info("executor %s: child process %s started", self.name, proc.pid)
         await self._ready
 
-    async def run(self, task_id: str, attempt: int, spec: dict[str, Any], output_dir: str) -> Any:
+    async def run(self, req_id: str, payload: dict[str, Any]) -> Any:
+        """Run one task in the child; raises ExecutorFailure with the recorded error."""
         await self.ensure_started()
         assert self._loop is not None and self._conn is not None
-        req_id = uuid.uuid4().hex
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[req_id] = future
-        payload = {"task_id": task_id, "attempt": attempt, "spec": spec, "output_dir": output_dir}
         try:
             self._conn.send(("run", req_id, payload))
             return await future
         finally:
             self._pending.pop(req_id, None)
 
-    def kill(self) -> None:
-        """Stop the child at once (SIGKILL): for hangs, timeouts and cancels."""
+    def cancel(self, req_id: str) -> None:
+        """Ask the executor to stop (sets the task's `cancelled` event); it may not listen."""
+        if self._conn is not None and req_id in self._pending:
+            with contextlib.suppress(OSError):
+                self._conn.send(("cancel", req_id))
+
+    @property
+    def in_flight(self) -> list[str]:
+        return list(self._pending)
+
+    def kill(self, reasons: dict[str, dict[str, Any]]) -> None:
+        """SIGKILL the child: for hangs, timeouts, cancels that were not heeded, hand-back."""
         if self._proc is not None and self._proc.is_alive():
+            self._kill_reasons = {**(self._kill_reasons or {}), **reasons}
             self._proc.kill()
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -137,18 +160,23 @@ class ExecutorProcess:
         if proc is not self._proc:
             return
         code = proc.exitcode
-        log.warning("executor %s: child process %s exited with code %s", self.name, proc.pid, code)
-        info = {
-            "kind": "crash",
-            "type": "ExecutorCrashed",
-            "message": f"executor {self.name!r} process exited with code {code}",
-            "retryable": True,
-        }
+        reasons, self._kill_reasons = self._kill_reasons, None
+        if reasons is None:
+            log.warning("executor %s: child %s exited with code %s", self.name, proc.pid, code)
+            default = {
+                "kind": "crash",
+                "type": "ExecutorCrashed",
+                "message": f"executor {self.name!r} process exited with code {code}",
+                "retryable": True,
+            }
+        else:
+            log.info("executor %s: child %s killed on purpose", self.name, proc.pid)
+            default = INTERRUPTED
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(ExecutorFailure(info))
-        for future in list(self._pending.values()):
+            self._ready.set_exception(ExecutorFailure(default))
+        for req_id, future in list(self._pending.items()):
             if not future.done():
-                future.set_exception(ExecutorFailure(info))
+                future.set_exception(ExecutorFailure((reasons or {}).get(req_id, default)))
         self._proc = None
         self._conn = None
         self._ready = None
@@ -168,6 +196,12 @@ class ExecutorHost:
         for proc, res in zip(self.procs.values(), results, strict=True):
             if isinstance(res, BaseException):
                 log.error("executor %s failed to start: %s", proc.name, res)
+
+    def kill_busy(self, info: dict[str, Any]) -> None:
+        """Kill every child that holds tasks; each of those tasks fails with `info`."""
+        for proc in self.procs.values():
+            if proc.in_flight:
+                proc.kill(dict.fromkeys(proc.in_flight, info))
 
     def loaded_models(self) -> list[str]:
         models: list[str] = []

@@ -9,6 +9,7 @@ pending rather than lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 from flowmesh import __version__
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.status import TaskStatus, WorkerStatus
-from flowmesh.store import Delivery, TaskStore
+from flowmesh.store import Delivery, Outcome, TaskStore
 from worker.hardware import Hardware, Nvml, detect, sample_load
 from worker.host import ExecutorFailure, ExecutorHost
 from worker.outputs import write_outputs
@@ -35,6 +36,28 @@ log = logging.getLogger(__name__)
 class Running:
     delivery: Delivery
     started: float = field(default_factory=time.monotonic)
+    # Why we are stopping it (timeout, cancel, superseded, hand-back), once we are.
+    stop_info: dict[str, Any] | None = None
+
+    @property
+    def req_id(self) -> str:
+        return f"{self.delivery.task_id}:{self.delivery.attempt}"
+
+    @property
+    def task_type(self) -> str:
+        return str(self.delivery.spec["spec"]["taskType"])
+
+
+def failure(
+    kind: str, message: str, *, retryable: bool = True, charge: bool = True
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "type": kind,
+        "message": message,
+        "retryable": retryable,
+        "charge": charge,
+    }
 
 
 class Worker:
@@ -52,6 +75,7 @@ class Worker:
         self.running: dict[str, Running] = {}
         self.started_at = time.time()
         self._stopping = asyncio.Event()
+        self._drain_now = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -60,20 +84,30 @@ class Worker:
         await self.register()
         await self.host.start()
         await self._beat()  # publish warm executors and loaded models right away
-        beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        loops = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
         try:
             await self._inbox_loop()
             await self._drain()
         finally:
-            beat.cancel()
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             await self.host.stop()
             await self.deregister()
 
     def request_stop(self) -> None:
+        """First call: drain (finish within the drain timeout, then hand back). Second: hand
+        back at once."""
         if not self._stopping.is_set():
             log.info("worker %s: stopping; no new tasks will be taken", self.id)
             self._stopping.set()
             self._slot_freed.set()
+        else:
+            log.info("worker %s: second stop signal; handing back running tasks now", self.id)
+            self._drain_now.set()
 
     async def register(self) -> None:
         k = self.keys
@@ -176,7 +210,9 @@ class Worker:
             else WorkerStatus.IDLE
         )
         accrued = self.settings.cost_per_hour * (now - self.started_at) / 3600.0
+        running = list(self.running.values())
         async with self.conn.pipeline(transaction=False) as pipe:
+            pipe.sismember(k.worker_ids, self.id)
             pipe.hset(
                 k.worker(self.id),
                 mapping={
@@ -190,12 +226,69 @@ class Worker:
                 },
             )
             pipe.set(k.heartbeat(self.id), f"{now:.6f}", ex=self.settings.heartbeat_ttl)
-            await pipe.execute()
+            for r in running:
+                pipe.hmget(k.task(r.delivery.task_id), ["status", "attempts", "worker_id"])
+            replies = await pipe.execute()
+        if not replies[0] and not self._stopping.is_set():
+            # The orchestrator presumed us dead (no beat within the lease), or Redis lost
+            # its data: our tasks were re-placed. Join again as a fresh registration.
+            log.warning("worker %s: not registered any more; registering again", self.id)
+            await self.register()
+        for r, (task_status, attempts, worker_id) in zip(running, replies[3:], strict=True):
+            if task_status == TaskStatus.CANCELLED.value:
+                self._stop_soon(r, failure("cancelled", "cancelled by request"))
+            elif attempts != str(r.delivery.attempt) or worker_id != self.id:
+                self._stop_soon(r, failure("superseded", "a newer attempt of this task exists"))
+
+    # -- control notices (cancel) ------------------------------------------------
+    async def _control_loop(self) -> None:
+        channel = self.keys.control(self.id)
+        while True:
+            pubsub = self.conn.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    parts = str(message.get("data", "")).split()
+                    if len(parts) == 3 and parts[0] == "cancel":
+                        r = self.running.get(parts[1])
+                        if r is not None and str(r.delivery.attempt) == parts[2]:
+                            self._stop_soon(r, failure("cancelled", "cancelled by request"))
+            except (RedisError, OSError) as exc:
+                log.warning("control channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    def _stop_soon(self, r: Running, info: dict[str, Any]) -> None:
+        if r.stop_info is None:
+            r.stop_info = info
+            task = asyncio.create_task(self._stop(r))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _stop(self, r: Running) -> None:
+        """Ask the executor to stop the task; kill its child if it does not within the grace."""
+        proc = self.host.procs.get(r.task_type)
+        if proc is None or r.req_id not in proc.in_flight:
+            return
+        log.info(
+            "task %s attempt %d: stopping (%s)",
+            r.delivery.task_id,
+            r.delivery.attempt,
+            (r.stop_info or {}).get("kind"),
+        )
+        proc.cancel(r.req_id)
+        deadline = time.monotonic() + self.settings.cancel_grace
+        while r.req_id in proc.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if r.req_id in proc.in_flight:
+            proc.kill({r.req_id: r.stop_info or {}})
 
     # -- inbox -------------------------------------------------------------------
     async def _inbox_loop(self) -> None:
-        # First whatever an earlier run of this WORKER_ID was handed and never acked,
-        # then new entries only.
+        # First whatever this WORKER_ID was handed and has not acked (an earlier run of it,
+        # or reads lost to a Redis error), then new entries only.
         start_id = "0"
         while not self._stopping.is_set():
             free = self.settings.slots - len(self.running)
@@ -210,14 +303,15 @@ class Worker:
             except (RedisError, OSError) as exc:
                 log.warning("reading inbox %s failed: %s; retrying", self.inbox, exc)
                 await asyncio.sleep(1.0)
+                start_id = "0"
                 continue
             entries = reply[0][1] if reply else []
-            if start_id == "0" and not entries:
+            if start_id != ">" and not entries:
                 start_id = ">"
                 continue
             for stream_id, fields in entries:
-                if not fields:  # acked meanwhile: XREADGROUP returns the id with no fields
-                    continue
+                if not fields or fields["task_id"] in self.running:
+                    continue  # acked meanwhile, or already in hand
                 delivery = Delivery(
                     stream_id=stream_id,
                     task_id=fields["task_id"],
@@ -228,12 +322,36 @@ class Worker:
                 task = asyncio.create_task(self._handle(delivery), name=delivery.task_id)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if start_id == "0" and entries:
+            if start_id != ">" and entries:
                 start_id = entries[-1][0]
 
     async def _drain(self) -> None:
+        """Let running tasks finish within the drain timeout; hand back the rest."""
+        if not self._tasks:
+            return
+        log.info(
+            "worker %s: draining %d running task(s) (up to %gs)",
+            self.id,
+            len(self.running),
+            self.settings.drain_timeout,
+        )
+        now = asyncio.create_task(self._drain_now.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while self._tasks and not self._drain_now.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.wait(
+                {now, *self._tasks}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        now.cancel()
+        if self.running:
+            log.info("worker %s: handing back %d task(s)", self.id, len(self.running))
+            for r in self.running.values():
+                r.stop_info = r.stop_info or HANDED_BACK
+            self.host.kill_busy(HANDED_BACK)
         if self._tasks:
-            log.info("worker %s: waiting for %d running task(s)", self.id, len(self._tasks))
             await asyncio.wait(set(self._tasks))
 
     # -- one task ----------------------------------------------------------------
@@ -241,77 +359,142 @@ class Worker:
         task_id, attempt = delivery.task_id, delivery.attempt
         try:
             started = await self.store.start(task_id, attempt, self.id)
+        except (RedisError, OSError) as exc:
+            # Not started: the entry stays pending and is read again once Redis answers.
+            log.warning("task %s attempt %d: cannot start (%s)", task_id, attempt, exc)
+            self.running.pop(task_id, None)
+            self._slot_freed.set()
+            return
+        try:
             if not started.ok:
                 log.warning("task %s attempt %d dropped: %s", task_id, attempt, started.reason)
                 await self.conn.xack(self.inbox, INBOX_GROUP, delivery.stream_id)
                 return
-            await self._execute(delivery)
+            await self._execute(self.running[task_id])
         except Exception:
             log.exception("task %s attempt %d: worker error", task_id, attempt)
         finally:
             self.running.pop(task_id, None)
             self._slot_freed.set()
 
-    async def _execute(self, delivery: Delivery) -> None:
-        task_id, attempt = delivery.task_id, delivery.attempt
-        task_type = delivery.spec["spec"]["taskType"]
+    async def _execute(self, r: Running) -> None:
+        delivery = r.delivery
+        task_id, attempt, task_type = delivery.task_id, delivery.attempt, r.task_type
         out_dir = self.settings.results_dir / task_id
         t0 = time.monotonic()
         started_at = time.time()
         result: Any = None
         error: dict[str, Any] | None = None
         proc = self.host.procs.get(task_type)
+        timeout = delivery.spec["spec"].get("timeoutSec")
+        timer = None
+        if timeout:
+            timer = asyncio.get_running_loop().call_later(
+                float(timeout),
+                self._stop_soon,
+                r,
+                failure("timeout", f"ran past timeoutSec={timeout:g}"),
+            )
         log.info("→ task %s attempt %d %s started", task_id, attempt, task_type)
         try:
             if proc is None:
                 raise ExecutorFailure(
-                    {
-                        "kind": "permanent",
-                        "type": "UnknownExecutor",
-                        "retryable": False,
-                        "message": f"worker {self.id} has no executor {task_type!r}",
-                    }
+                    failure(
+                        "permanent",
+                        f"worker {self.id} has no executor {task_type!r}",
+                        retryable=False,
+                    )
                 )
-            result = await proc.run(task_id, attempt, delivery.spec, str(out_dir))
+            payload = {
+                "task_id": task_id,
+                "attempt": attempt,
+                "spec": delivery.spec,
+                "output_dir": str(out_dir),
+            }
+            result = await proc.run(r.req_id, payload)
             json.dumps(result)  # what cannot be stored must fail here, not in Redis
         except ExecutorFailure as exc:
             error = exc.info
         except (TypeError, ValueError) as exc:
-            error = {
-                "kind": "bad_result",
-                "type": type(exc).__name__,
-                "retryable": False,
-                "message": f"executor returned a result that is not JSON: {exc}",
-            }
+            error = failure(
+                "bad_result", f"executor returned a result that is not JSON: {exc}", retryable=False
+            )
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if r.stop_info is not None:
+            error, result = r.stop_info, None  # whatever the executor made of being stopped
         status = TaskStatus.FAILED if error else TaskStatus.DONE
         elapsed = time.monotonic() - t0
-        responses = {
-            "task_id": task_id,
-            "attempt": attempt,
-            "worker_id": self.id,
-            "task_type": task_type,
-            "status": status.value,
-            "started_at": started_at,
-            "finished_at": time.time(),
-            "elapsed_sec": elapsed,
-            "result": result,
-            "error": error,
-        }
-        await asyncio.to_thread(write_outputs, out_dir, responses)
-        recorded = await self.store.finish(
-            delivery, self.id, self.inbox, status, result=result, error=error
+        if error is None or error.get("charge", True):
+            responses = {
+                "task_id": task_id,
+                "attempt": attempt,
+                "worker_id": self.id,
+                "task_type": task_type,
+                "status": status.value,
+                "started_at": started_at,
+                "finished_at": time.time(),
+                "elapsed_sec": elapsed,
+                "result": result,
+                "error": error,
+            }
+            await asyncio.to_thread(write_outputs, out_dir, responses)
+        uncharged = error is not None and not error.get("charge", True)
+        pause = self.settings.failpoints.get("before_settle")
+        if pause:
+            log.warning("failpoint before_settle: task %s pausing %gs", task_id, pause)
+            await asyncio.sleep(pause)
+        recorded = await self._settle(
+            r,
+            status,
+            result=result,
+            error=error,
+            charge=not uncharged,
+            immediate=uncharged,
+            avoid=not uncharged,
         )
         if not recorded.ok:
             log.warning("task %s attempt %d result ignored: %s", task_id, attempt, recorded.reason)
         elif error:
             log.warning(
-                "✗ task %s attempt %d %s failed in %.3fs: %s: %s",
+                "✗ task %s attempt %d %s %s in %.3fs → %s: %s",
                 task_id,
                 attempt,
                 task_type,
-                elapsed,
                 error.get("kind"),
+                elapsed,
+                recorded.reason,
                 error.get("message"),
             )
         else:
             log.info("✓ task %s attempt %d %s done in %.3fs", task_id, attempt, task_type, elapsed)
+
+    async def _settle(self, r: Running, status: TaskStatus, **kwargs: Any) -> Outcome:
+        """Record the attempt's end, retrying through a Redis outage (the result is in hand)."""
+        delay, deadline = 0.2, time.monotonic() + 600
+        while True:
+            try:
+                return await self.store.settle(
+                    r.delivery.task_id,
+                    r.delivery.attempt,
+                    self.id,
+                    outcome=status,
+                    inbox=self.inbox,
+                    stream_id=r.delivery.stream_id,
+                    **kwargs,
+                )
+            except (RedisError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "task %s: recording the outcome failed (%s); retrying in %.1fs",
+                    r.delivery.task_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+HANDED_BACK = failure("handed_back", "worker stopping: handed back", charge=False)

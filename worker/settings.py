@@ -19,6 +19,24 @@ from flowmesh.config import (
 from flowmesh.errors import ConfigError
 from flowmesh.keys import heartbeat_ttl
 
+FAILPOINTS = ("before_settle",)
+
+
+def parse_failpoints(raw: str) -> dict[str, float]:
+    """`name:seconds[,name:seconds]`: where a worker pauses, so a test can kill it there."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        name, _, seconds = part.partition(":")
+        if name not in FAILPOINTS:
+            raise ConfigError(
+                f"FLOWMESH_FAILPOINTS: unknown failpoint {name!r}; known: {', '.join(FAILPOINTS)}"
+            )
+        try:
+            out[name] = float(seconds)
+        except ValueError:
+            raise ConfigError(f"FLOWMESH_FAILPOINTS: {part!r} needs name:seconds") from None
+    return out
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -36,6 +54,9 @@ class WorkerSettings:
     memory: int | None
     key_prefix: str
     drain_timeout: float
+    cancel_grace: float
+    # Fault injection for the crash tests: {"before_settle": seconds} pauses there.
+    failpoints: dict[str, float]
 
     @property
     def heartbeat_ttl(self) -> int:
@@ -70,4 +91,6 @@ class WorkerSettings:
             memory=env_bytes(env, "WORKER_MEMORY"),
             key_prefix=env_str(env, "REDIS_KEY_PREFIX"),
             drain_timeout=env_float(env, "WORKER_DRAIN_TIMEOUT_SEC", 60.0, minimum=0.0),
+            cancel_grace=env_float(env, "WORKER_CANCEL_GRACE_SEC", 5.0, minimum=0.0),
+            failpoints=parse_failpoints(env_str(env, "FLOWMESH_FAILPOINTS")),
         )

@@ -72,6 +72,19 @@ def test_submit_wait_exits_nonzero_when_a_task_fails(orchestrator, start_worker,
     r = flowmesh(["--url", orchestrator.url, "submit", str(spec), "--wait", "--timeout", "60"], {})
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILED" in r.stdout
+    r = flowmesh(["--url", orchestrator.url, "dead-letters"], {})
+    assert r.returncode == 0
+    assert "permanent" in r.stdout and "nope" in r.stdout
+
+
+def test_cancel_from_the_command_line(orchestrator):
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo"}})
+    r = flowmesh(["--url", orchestrator.url, "cancel", task_id], {})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "CANCELLED (was PENDING)" in r.stdout
+    assert orchestrator.task(task_id)["status"] == "CANCELLED"
+    r = flowmesh(["--url", orchestrator.url, "cancel", task_id], {})
+    assert r.returncode == 1 and "409" in r.stdout
 
 
 @pytest.mark.timeout(300)

@@ -201,7 +201,7 @@ def test_third_party_executor_and_crashing_executor_do_not_kill_the_worker(
         what="plugin executors to be advertised",
     )
     crash, boom, shout = orchestrator.submit(
-        {"spec": {"taskType": "crash"}},
+        {"spec": {"taskType": "crash", "maxAttempts": 1}},
         {"spec": {"taskType": "boom"}},
         {"spec": {"taskType": "shout", "echo": {"message": "quiet"}}},
     )
