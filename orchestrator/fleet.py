@@ -163,18 +163,21 @@ class Fleet:
         ids = sorted(tasks)
         async with self.conn.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hget(k.task(task_id), "attempts")
-            attempts = await pipe.execute()
-        for task_id, attempt in zip(ids, attempts, strict=True):
+                pipe.hmget(k.task(task_id), ["attempts", "status"])
+            rows = await pipe.execute()
+        for task_id, (attempt, status) in zip(ids, rows, strict=True):
             if attempt is None:
                 continue
+            # Lost before it started, the task cannot be what killed the worker: re-place
+            # it uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss
+            # counts toward maxAttempts, as a system failure counts toward Ray's max_retries.
             outcome = await self.store.settle(
                 task_id,
                 int(attempt),
                 worker_id,
                 outcome=TaskStatus.FAILED,
                 error=error,
-                charge=True,
+                charge=status == TaskStatus.RUNNING.value,
                 immediate=True,
                 avoid=True,
             )

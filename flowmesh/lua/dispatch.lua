@@ -26,6 +26,7 @@ local id = redis.call('XADD', KEYS[8], '*',
 redis.call('HSET', KEYS[1], 'status', 'DISPATCHED', 'worker_id', ARGV[2],
   'inbox', KEYS[8], 'stream_id', id, 'dispatched_at', ARGV[3], 'updated_at', ARGV[3],
   'reason', '')
+redis.call('HDEL', KEYS[1], 'started_at', 'retry_at')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
