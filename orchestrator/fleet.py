@@ -58,11 +58,7 @@ class Fleet:
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
-        try:
-            await self.conn.xgroup_create(self.keys.events, EVENTS_GROUP, id="$", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await self._create_events_group()
         await self.refresh()
         await self._load_pending()
         self._loops = [
@@ -310,9 +306,25 @@ class Fleet:
                     )
                     entries = reply[0][1] if reply else []
                 await self._handle_events(entries)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    # Redis came back without its data: the stream and group are new again.
+                    log.warning("events group missing (Redis restarted empty?); recreating it")
+                    await self._create_events_group()
+                    self.wake(refresh=True)
+                else:
+                    log.warning("reading events failed: %s; retrying", exc)
+                    await asyncio.sleep(1.0)
             except (RedisError, OSError) as exc:
                 log.warning("reading events failed: %s; retrying", exc)
                 await asyncio.sleep(1.0)
+
+    async def _create_events_group(self) -> None:
+        try:
+            await self.conn.xgroup_create(self.keys.events, EVENTS_GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     async def _handle_events(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         if not entries:

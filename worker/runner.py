@@ -83,7 +83,10 @@ class Worker:
     async def run(self) -> None:
         await self.register()
         await self.host.start()
-        await self._beat()  # publish warm executors and loaded models right away
+        try:
+            await self._beat()  # publish warm executors and loaded models right away
+        except (RedisError, OSError) as exc:
+            log.warning("first heartbeat failed (%s); the heartbeat loop retries", exc)
         loops = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._control_loop(), name="control"),
@@ -96,7 +99,11 @@ class Worker:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self.host.stop()
-            await self.deregister()
+            try:
+                await self.deregister()
+            except (RedisError, OSError) as exc:
+                # Our heartbeat key expires by itself and the lease check re-places our tasks.
+                log.warning("worker %s: could not deregister (%s)", self.id, exc)
 
     def request_stop(self) -> None:
         """First call: drain (finish within the drain timeout, then hand back). Second: hand

@@ -141,6 +141,33 @@ def test_redis_restarted_with_aof_mid_run_loses_nothing(start_orchestrator, star
         server.stop()
 
 
+def test_redis_restarted_empty_the_fleet_registers_again_and_runs_new_work(
+    start_orchestrator, start_worker, tmp_path
+):
+    server = EmbeddedRedis().start()
+    try:
+        orch = start_orchestrator(REDIS_URL=server.url)
+        worker = start_worker("w1", REDIS_URL=server.url, wait=False)
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        wait_until(lambda: client.sismember("workers:ids", "w1"), what="w1 registered")
+        wait_until(lambda: "child process" in worker.log(), what="w1 ready")
+        client.close()
+        port = server.port
+        server.stop()
+        time.sleep(1.0)
+        server = EmbeddedRedis(port=port).start()  # no persistence: everything is gone
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        wait_until(
+            lambda: client.sismember("workers:ids", "w1"), timeout=30, what="w1 to register again"
+        )
+        (task_id,) = orch.submit(echo("after the flood"))
+        assert orch.wait(task_id, timeout=30)["status"] == "DONE"
+        assert worker.alive()
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_connections_dropped_by_redis_are_reestablished(orchestrator, start_worker, rdb):
     start_worker("w1")
     ids = orchestrator.submit(*[echo(i, delay=0.2) for i in range(20)])
