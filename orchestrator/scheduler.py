@@ -48,6 +48,8 @@ class WorkerView:
     used_cpu: float = 0.0
     used_memory: int = 0
     used_gpus: int = 0
+    # Bumped on every change of load, so heap entries made before it can be told stale.
+    version: int = 0
 
     @classmethod
     def from_hash(cls, raw: dict[str, str], alive: bool) -> WorkerView:
@@ -107,13 +109,20 @@ class WorkerView:
             and self.used_gpus + req.gpu_count <= self.matching_gpus(req)
         )
 
+    def rank(self, req: Requirements) -> tuple[int, float, float, str]:
+        """Soft score, lower is better: warm model, then load, then cost."""
+        warm = 0 if req.model and req.model in self.loaded_models else 1
+        return (warm, self.running / self.slots, self.cost_per_hour, self.worker_id)
+
     def take(self, req: Requirements) -> None:
+        self.version += 1
         self.running += 1
         self.used_cpu += req.cpu
         self.used_memory += req.memory
         self.used_gpus += req.gpu_count
 
     def give_back(self, req: Requirements) -> None:
+        self.version += 1
         self.running = max(0, self.running - 1)
         self.used_cpu = max(0.0, self.used_cpu - req.cpu)
         self.used_memory = max(0, self.used_memory - req.memory)
@@ -139,6 +148,13 @@ class Scheduler:
     # placed task -> (worker, requirements): what each worker's resources are used by
     active: dict[str, tuple[str, Requirements]] = field(default_factory=dict)
     _candidates: dict[Requirements, list[WorkerView]] = field(default_factory=dict)
+    # Per requirements: a heap of (rank, version, worker) over its candidates, and the
+    # candidates parked because they had no room; a worker that frees room is un-parked.
+    _heaps: dict[Requirements, list[tuple[tuple[int, float, float, str], int, str]]] = field(
+        default_factory=dict
+    )
+    _parked: dict[Requirements, set[str]] = field(default_factory=dict)
+    _groups_of: dict[str, set[Requirements]] = field(default_factory=dict)
 
     # -- workers -----------------------------------------------------------------
     def set_workers(self, views: list[WorkerView], running: dict[str, int]) -> None:
@@ -151,12 +167,21 @@ class Scheduler:
         for view in views:
             view.running = max(view.running, running.get(view.worker_id, 0))
         self._candidates.clear()
+        self._heaps.clear()
+        self._parked.clear()
+        self._groups_of.clear()
 
     def candidates(self, req: Requirements) -> list[WorkerView]:
         found = self._candidates.get(req)
         if found is None:
             found = [w for w in self.workers.values() if w.why_never(req) is None]
             self._candidates[req] = found
+            heap = [(w.rank(req), w.version, w.worker_id) for w in found]
+            heapq.heapify(heap)
+            self._heaps[req] = heap
+            self._parked[req] = set()
+            for w in found:
+                self._groups_of.setdefault(w.worker_id, set()).add(req)
         return found
 
     def explain(self, req: Requirements) -> str:
@@ -212,6 +237,14 @@ class Scheduler:
             view = self.workers.get(entry[0])
             if view is not None:
                 view.give_back(entry[1])
+                self._unpark(view)
+
+    def _unpark(self, view: WorkerView) -> None:
+        for req in self._groups_of.get(view.worker_id, ()):
+            parked = self._parked.get(req)
+            if parked is not None and view.worker_id in parked:
+                parked.discard(view.worker_id)
+                heapq.heappush(self._heaps[req], (view.rank(req), view.version, view.worker_id))
 
     def _head(self, req: Requirements) -> tuple[float, str] | None:
         queue = self.queues.get(req)
@@ -227,6 +260,26 @@ class Scheduler:
     def choose(self, req: Requirements, avoid: frozenset[str] = frozenset()) -> WorkerView | None:
         """The best worker for `req` now; workers in `avoid` (where an earlier attempt
         failed) only when no other worker could ever run it."""
+        if avoid:
+            return self._choose_scan(req, avoid)
+        self.candidates(req)
+        heap, parked = self._heaps[req], self._parked[req]
+        while heap:
+            _, version, worker_id = heap[0]
+            w = self.workers.get(worker_id)
+            if w is None:
+                heapq.heappop(heap)
+            elif version != w.version:  # its load changed since: re-rank it
+                heapq.heapreplace(heap, (w.rank(req), w.version, worker_id))
+            elif not w.fits_now(req):
+                heapq.heappop(heap)
+                parked.add(worker_id)
+            else:
+                return w
+        return None
+
+    def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
+        """choose() for a retry: a linear pass, since `avoid` differs task by task."""
         candidates = self.candidates(req)
         if avoid:
             candidates = [w for w in candidates if w.worker_id not in avoid] or candidates
@@ -235,12 +288,7 @@ class Scheduler:
         for w in candidates:
             if not w.fits_now(req):
                 continue
-            key = (
-                0 if req.model and req.model in w.loaded_models else 1,
-                w.running / w.slots,
-                w.cost_per_hour,
-                w.worker_id,
-            )
+            key = w.rank(req)
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
