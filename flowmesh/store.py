@@ -265,6 +265,7 @@ class TaskStore:
                 k.tasks_by_status(TaskStatus.DISPATCHED),
                 k.tasks_by_status(TaskStatus.RUNNING),
                 k.events,
+                k.worker_tasks(worker_id),
             ],
             args=[task_id, attempt, worker_id, f"{time.time():.6f}", EVENTS_MAXLEN],
         )

@@ -59,6 +59,9 @@ class Fleet:
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         await self._create_events_group()
+        # We may be starting right after a Redis outage in which no worker could beat:
+        # declare nobody lost until a whole lease has passed under our watch.
+        self._reap_after = time.monotonic() + self._longest_lease(await self._intervals())
         await self.refresh()
         await self._load_pending()
         self._loops = [
@@ -244,6 +247,10 @@ class Fleet:
                 await asyncio.sleep(1.0)
                 self._refresh_now = True
                 self._reap_after = time.monotonic() + self._longest_lease()
+            except Exception:  # never let placement stop for good; the next round retries
+                log.exception("placement round failed")
+                await asyncio.sleep(1.0)
+                self._refresh_now = True
 
     async def place(self) -> int:
         """Place as many pending tasks as the fleet has room for; returns how many."""
@@ -318,6 +325,9 @@ class Fleet:
             except (RedisError, OSError) as exc:
                 log.warning("reading events failed: %s; retrying", exc)
                 await asyncio.sleep(1.0)
+            except Exception:  # a malformed event must not stop the loop
+                log.exception("handling events failed")
+                await asyncio.sleep(1.0)
 
     async def _create_events_group(self) -> None:
         try:
@@ -333,10 +343,10 @@ class Fleet:
         for _, fields in entries:
             kind = fields.get("type", "")
             if kind == "task.finished":
-                self.scheduler.release(fields["task_id"])
+                self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 self.wake()
             elif kind == "task.retry":
-                self.scheduler.release(fields["task_id"])
+                self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 requeued.append(fields["task_id"])
             elif kind == "task.cancelled":
                 self.scheduler.discard_pending(fields["task_id"])
@@ -347,6 +357,16 @@ class Fleet:
             self.wake()
         await self.conn.xack(self.keys.events, EVENTS_GROUP, *[i for i, _ in entries])
 
-    def _longest_lease(self) -> float:
-        intervals = [30.0] + [w.heartbeat_interval for w in self.scheduler.workers.values()]
-        return self.lease_intervals * max(intervals) + 1.0
+    def _longest_lease(self, intervals: list[float] | None = None) -> float:
+        """The longest lease among registered workers (0 with none: nobody to protect)."""
+        if intervals is None:
+            intervals = [w.heartbeat_interval for w in self.scheduler.workers.values()]
+        return self.lease_intervals * max(intervals) + 1.0 if intervals else 0.0
+
+    async def _intervals(self) -> list[float]:
+        ids = await self.conn.smembers(self.keys.worker_ids)
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hget(self.keys.worker(wid), "heartbeat_interval")
+            raws = await pipe.execute()
+        return [float(r) for r in raws if r]

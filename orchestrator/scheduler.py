@@ -230,8 +230,12 @@ class Scheduler:
     def discard_pending(self, task_id: str) -> None:
         self.pending.pop(task_id, None)  # its heap entry is skipped when it surfaces
 
-    def release(self, task_id: str) -> None:
-        """A placed task ended or left its worker: free what it used."""
+    def release(self, task_id: str, worker_id: str | None = None) -> None:
+        """A placed task ended or left its worker: free what it used. With `worker_id`,
+        only if it is still placed there (a late event must not free a newer placement)."""
+        entry = self.active.get(task_id)
+        if entry is not None and worker_id is not None and entry[0] != worker_id:
+            return
         entry = self.active.pop(task_id, None)
         if entry is not None:
             view = self.workers.get(entry[0])

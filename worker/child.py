@@ -63,26 +63,32 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
     cancels: dict[str, threading.Event] = {}
 
     def run_one(req_id: str, payload: dict[str, Any]) -> None:
-        task_log = logging.LoggerAdapter(log, {"task_id": payload["task_id"]})
-        ctx = TaskContext(
-            task_id=payload["task_id"],
-            attempt=payload["attempt"],
-            spec=TaskSpec.model_validate(payload["spec"]),
-            output_dir=Path(payload["output_dir"]),
-            cancelled=cancels[req_id],
-            log=task_log,
-        )
+        """Run one task and always answer, whatever fails (the parent waits for the reply)."""
         try:
-            result = executor.run(ctx)
-            reply: tuple[Any, ...] = ("result", req_id, True, result, executor.health())
+            ctx = TaskContext(
+                task_id=payload["task_id"],
+                attempt=payload["attempt"],
+                spec=TaskSpec.model_validate(payload["spec"]),
+                output_dir=Path(payload["output_dir"]),
+                cancelled=cancels[req_id],
+                log=logging.LoggerAdapter(log, {"task_id": payload["task_id"]}),
+            )
+            reply: tuple[Any, ...] = ("result", req_id, True, executor.run(ctx), safe_health())
         except BaseException as exc:  # every failure goes back to the parent, typed
-            reply = ("result", req_id, False, describe_failure(exc), executor.health())
+            reply = ("result", req_id, False, describe_failure(exc), safe_health())
         finally:
             cancels.pop(req_id, None)
         try:
             send(reply)
-        except (TypeError, ValueError) as exc:  # a result that cannot be pickled
-            send(("result", req_id, False, describe_failure(exc), executor.health()))
+        except Exception as exc:  # a result that cannot be pickled, say
+            send(("result", req_id, False, describe_failure(exc), safe_health()))
+
+    def safe_health() -> dict[str, Any]:
+        try:
+            return executor.health()
+        except Exception:
+            log.exception("executor %s: health() failed", executor_name)
+            return {}
 
     with ThreadPoolExecutor(
         max_workers=cls.max_concurrency, thread_name_prefix=f"{executor_name}-task"

@@ -55,6 +55,8 @@ class ExecutorProcess:
         # Set when we kill the child on purpose: the error each request gets, by request id;
         # requests not named were bystanders and get INTERRUPTED (not the task's fault).
         self._kill_reasons: dict[str, dict[str, Any]] | None = None
+        # Set once the last child's exit has been handled (its tasks failed over).
+        self._exit_handled: asyncio.Event | None = None
 
     @property
     def alive(self) -> bool:
@@ -66,8 +68,14 @@ class ExecutorProcess:
             return
         if self._ready is not None and self._ready.exception() is None and self.alive:
             return
+        if self._proc is not None and self._exit_handled is not None:
+            # The child died and its reader has not yet failed its tasks: a new child
+            # must not take over before they are settled, or they would hang.
+            await self._exit_handled.wait()
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
+        self._exit_handled = asyncio.Event()
+        self._kill_reasons = None
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
             target=child_main,
@@ -181,6 +189,8 @@ class ExecutorProcess:
         self._conn = None
         self._ready = None
         self.health = {}
+        if self._exit_handled is not None:
+            self._exit_handled.set()
 
 
 class ExecutorHost:

@@ -76,6 +76,9 @@ class Worker:
         self.started_at = time.time()
         self._stopping = asyncio.Event()
         self._drain_now = asyncio.Event()
+        # Set when an inbox entry was left unread on purpose or by error: the inbox loop
+        # then re-reads this consumer's pending entries (id 0) once a slot frees.
+        self._reread = False
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -112,9 +115,20 @@ class Worker:
             log.info("worker %s: stopping; no new tasks will be taken", self.id)
             self._stopping.set()
             self._slot_freed.set()
+            # Tell the orchestrator now, not at the next beat: dispatch.lua refuses a
+            # draining worker, so nothing new lands in an inbox nobody will read.
+            task = asyncio.create_task(self._mark_draining())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             log.info("worker %s: second stop signal; handing back running tasks now", self.id)
             self._drain_now.set()
+
+    async def _mark_draining(self) -> None:
+        try:
+            await self.conn.hset(self.keys.worker(self.id), "status", WorkerStatus.DRAINING.value)
+        except (RedisError, OSError) as exc:
+            log.warning("could not mark worker %s draining: %s", self.id, exc)
 
     async def register(self) -> None:
         k = self.keys
@@ -171,6 +185,27 @@ class Worker:
 
     async def deregister(self) -> None:
         k = self.keys
+        # Tasks placed on us that we never started (dispatched while we drained): hand
+        # them back uncharged before the inbox that holds them goes away.
+        leftover = sorted(await self.conn.smembers(k.worker_tasks(self.id)))
+        if leftover:
+            async with self.conn.pipeline(transaction=False) as pipe:
+                for task_id in leftover:
+                    pipe.hget(k.task(task_id), "attempts")
+                attempts = await pipe.execute()
+            for task_id, attempt in zip(leftover, attempts, strict=True):
+                if attempt is not None:
+                    await self.store.settle(
+                        task_id,
+                        int(attempt),
+                        self.id,
+                        outcome=TaskStatus.FAILED,
+                        error=HANDED_BACK,
+                        charge=False,
+                        immediate=True,
+                        avoid=False,
+                    )
+            log.info("worker %s: handed back %d task(s) it never started", self.id, len(leftover))
         async with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(
                 k.worker(self.id),
@@ -191,9 +226,7 @@ class Worker:
                 approximate=True,
             )
             await pipe.execute()
-        pending = await self.conn.xpending(self.inbox, INBOX_GROUP)
-        if not pending["pending"]:
-            await self.conn.delete(self.inbox)
+        await self.conn.delete(self.inbox)  # every entry in it is settled or handed back
         log.info("worker %s deregistered", self.id)
 
     # -- heartbeats --------------------------------------------------------------
@@ -204,6 +237,8 @@ class Worker:
                 await self._beat()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # a beat must never stop for good (NVML, psutil, a bug)
+                log.exception("heartbeat failed")
 
     async def _beat(self) -> None:
         k = self.keys
@@ -277,8 +312,13 @@ class Worker:
     async def _stop(self, r: Running) -> None:
         """Ask the executor to stop the task; kill its child if it does not within the grace."""
         proc = self.host.procs.get(r.task_type)
-        if proc is None or r.req_id not in proc.in_flight:
+        if proc is None:
             return
+        # The child may still be starting: wait until the task reaches it (or ends).
+        while r.req_id not in proc.in_flight:
+            if self.running.get(r.delivery.task_id) is not r:
+                return
+            await asyncio.sleep(0.05)
         log.info(
             "task %s attempt %d: stopping (%s)",
             r.delivery.task_id,
@@ -303,6 +343,9 @@ class Worker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            if self._reread and start_id == ">":
+                self._reread = False
+                start_id = "0"
             try:
                 reply = await self.conn.xreadgroup(
                     INBOX_GROUP, self.id, {self.inbox: start_id}, count=free, block=1000
@@ -317,8 +360,13 @@ class Worker:
                 start_id = ">"
                 continue
             for stream_id, fields in entries:
-                if not fields or fields["task_id"] in self.running:
-                    continue  # acked meanwhile, or already in hand
+                if not fields:
+                    continue  # acked meanwhile
+                if fields["task_id"] in self.running:
+                    # An attempt of the same task is still ending here (stopped as
+                    # superseded, say): come back to this entry when it has.
+                    self._reread = True
+                    continue
                 delivery = Delivery(
                     stream_id=stream_id,
                     task_id=fields["task_id"],
@@ -370,6 +418,7 @@ class Worker:
             # Not started: the entry stays pending and is read again once Redis answers.
             log.warning("task %s attempt %d: cannot start (%s)", task_id, attempt, exc)
             self.running.pop(task_id, None)
+            self._reread = True
             self._slot_freed.set()
             return
         try:
@@ -378,8 +427,11 @@ class Worker:
                 await self.conn.xack(self.inbox, INBOX_GROUP, delivery.stream_id)
                 return
             await self._execute(self.running[task_id])
-        except Exception:
+        except Exception as exc:
+            # A fault of the worker itself (disk full writing outputs, a bug): record it
+            # like a crash so the task is retried rather than left RUNNING here.
             log.exception("task %s attempt %d: worker error", task_id, attempt)
+            await self._settle_worker_error(self.running[task_id], exc)
         finally:
             self.running.pop(task_id, None)
             self._slot_freed.set()
@@ -433,7 +485,13 @@ class Worker:
             error, result = r.stop_info, None  # whatever the executor made of being stopped
         status = TaskStatus.FAILED if error else TaskStatus.DONE
         elapsed = time.monotonic() - t0
-        if error is None or error.get("charge", True):
+        # A cancelled or superseded attempt must not overwrite the outputs of the live one.
+        if error is None or error.get("kind") not in (
+            "superseded",
+            "cancelled",
+            "handed_back",
+            "interrupted",
+        ):
             responses = {
                 "task_id": task_id,
                 "attempt": attempt,
@@ -476,6 +534,15 @@ class Worker:
             )
         else:
             log.info("✓ task %s attempt %d %s done in %.3fs", task_id, attempt, task_type, elapsed)
+
+    async def _settle_worker_error(self, r: Running, exc: Exception) -> None:
+        try:
+            await self._settle(
+                r, TaskStatus.FAILED, error=failure("worker_error", f"{type(exc).__name__}: {exc}")
+            )
+        except Exception:
+            log.exception("task %s: could not record the worker error", r.delivery.task_id)
+            self._reread = True
 
     async def _settle(self, r: Running, status: TaskStatus, **kwargs: Any) -> Outcome:
         """Record the attempt's end, retrying through a Redis outage (the result is in hand)."""

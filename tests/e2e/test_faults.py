@@ -371,3 +371,30 @@ def test_eviction_policy_warning(start_orchestrator, rdb):
         assert httpx.get(f"{orch.url}/healthz").status_code == 200
     finally:
         rdb.config_set("maxmemory-policy", "noeviction")
+
+
+def test_cancelling_a_dispatched_task_frees_the_workers_slot(orchestrator, start_worker, rdb):
+    worker = start_worker("w1", WORKER_SLOTS="1")
+    worker.signal(signal.SIGSTOP)
+    try:
+        (first,) = orchestrator.submit(echo("cancel me before I start"))
+        orchestrator.wait(first, ("DISPATCHED",))
+        assert orchestrator.http.post(f"/api/v1/tasks/{first}/cancel").status_code == 200
+    finally:
+        worker.signal(signal.SIGCONT)
+    (second,) = orchestrator.submit(echo("the slot is free again"))
+    assert orchestrator.wait(second)["status"] == "DONE"
+    assert rdb.scard("worker:w1:tasks") == 0
+
+
+def test_drain_hands_back_tasks_queued_in_its_inbox(orchestrator, start_worker, rdb):
+    w1 = start_worker("w1", WORKER_SLOTS="1", WORKER_DRAIN_TIMEOUT_SEC="5")
+    ids = orchestrator.submit(*[echo(i, delay=0.3) for i in range(8)])
+    orchestrator.wait(ids[0], ("RUNNING",))
+    w1.signal(signal.SIGTERM)
+    assert w1.proc.wait(timeout=30) == 0
+    start_worker("w2")
+    tasks = [orchestrator.wait(t, timeout=60) for t in ids]
+    assert [t["status"] for t in tasks] == ["DONE"] * 8
+    assert all(t["failures"] == 0 for t in tasks)  # hand-backs are not charged
+    assert not rdb.exists("tasks:inbox:w1")
