@@ -1,0 +1,217 @@
+"""The benchmark suite: FlowMesh against the queues users would pick instead, on one Redis.
+
+    uv run python -m bench                       # everything, 3 runs each, ~15 min
+    uv run python -m bench --runs 1 --tasks 2000 # a quick look
+    uv run python -m bench --only throughput,latency --peers celery,arq
+
+Each peer runs from its own virtual environment (.bench/venvs/<peer>, made with uv from
+bench/peers/requirements/<peer>.txt) against the same private Redis, with the same no-op task
+that counts itself in Redis. Figures are the median of --runs runs with the spread (min-max);
+ratios compare FlowMesh with the best peer of the same run. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.idle import idle_cost
+from bench.raw_redis import pipelined, round_trip
+from flowmesh.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("celery", "dramatiq", "rq", "arq", "taskiq", "saq")
+SECTIONS = ("throughput", "latency", "raw", "scheduler", "idle")
+
+
+def run_system(
+    system: str, python: str, redis_url: str, mode: str, tasks: int, workers: int
+) -> dict[str, Any]:
+    script = (
+        "bench/flowmesh_runner.py" if system == "flowmesh" else f"bench/peers/{system}_runner.py"
+    )
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        proc = subprocess.run(
+            [
+                python,
+                script,
+                "--redis-url",
+                redis_url,
+                "--mode",
+                mode,
+                "--tasks",
+                str(tasks),
+                "--workers",
+                str(workers),
+                "--out",
+                out.name,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            return {"system": system, "error": " | ".join(tail)}
+        return dict(json.loads(Path(out.name).read_text()))
+
+
+def median_of(runs: list[dict[str, Any]], field: str) -> tuple[float, float, float] | None:
+    values = [r[field] for r in runs if field in r]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(stat: tuple[float, float, float] | None, digits: int = 0) -> str:
+    if stat is None:
+        return "failed"
+    med, lo, hi = stat
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def pythons(peers: list[str]) -> dict[str, str]:
+    found = {"flowmesh": sys.executable}
+    from bench.peers.venv import ensure_venv
+
+    for peer in peers:
+        try:
+            found[peer] = str(ensure_venv(peer, ROOT))
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"  {peer}: cannot build its venv ({exc}); skipped", flush=True)
+    return found
+
+
+def section_throughput(url: str, systems: dict[str, str], args: argparse.Namespace) -> None:
+    for workers in (1, 2):
+        print(
+            f"\n## No-op throughput: {args.tasks} tasks, {workers} worker process(es); "
+            f"tasks/s, median of {args.runs} (min-max)",
+            flush=True,
+        )
+        rows = {}
+        for system, python in systems.items():
+            runs = [
+                run_system(system, python, url, "throughput", args.tasks, workers)
+                for _ in range(args.runs)
+            ]
+            rows[system] = runs
+            err = next((r["error"] for r in runs if "error" in r), None)
+            line = (
+                f"  {system:<10} total {fmt(median_of(runs, 'throughput'))}   "
+                f"submit {fmt(median_of(runs, 'submit_rate'))}"
+            )
+            print(line + (f"   ERROR {err}" if err else ""), flush=True)
+        ratio_line(rows, "throughput", higher_is_better=True)
+        settings_lines(rows)
+
+
+def section_latency(url: str, systems: dict[str, str], args: argparse.Namespace) -> None:
+    n = max(50, args.latency_tasks)
+    print(
+        f"\n## Idle latency: {n} tasks one at a time; ms, median of {args.runs} (min-max)",
+        flush=True,
+    )
+    rows = {}
+    for system, python in systems.items():
+        runs = [run_system(system, python, url, "latency", n, 1) for _ in range(args.runs)]
+        rows[system] = runs
+        print(
+            f"  {system:<10} start p50 {fmt(median_of(runs, 'start_p50_ms'), 2)}  "
+            f"p99 {fmt(median_of(runs, 'start_p99_ms'), 2)}   result p50 "
+            f"{fmt(median_of(runs, 'result_p50_ms'), 2)}  p99 "
+            f"{fmt(median_of(runs, 'result_p99_ms'), 2)}",
+            flush=True,
+        )
+    ratio_line(rows, "start_p50_ms", higher_is_better=False)
+    settings_lines(rows)
+
+
+def ratio_line(rows: dict[str, list[dict[str, Any]]], field: str, higher_is_better: bool) -> None:
+    ours = median_of(rows.get("flowmesh", []), field)
+    peers = {s: median_of(r, field) for s, r in rows.items() if s != "flowmesh"}
+    peers = {s: v for s, v in peers.items() if v is not None}
+    if ours is None or not peers:
+        return
+    pick = max if higher_is_better else min
+    best = pick(peers, key=lambda s: peers[s][0])  # type: ignore[index]
+    value = peers[best][0]  # type: ignore[index]
+    ratio = ours[0] / value if higher_is_better else value / ours[0]
+    print(
+        f"  -> flowmesh vs best peer ({best}): {ratio:.2f}x "
+        f"({'higher' if higher_is_better else 'lower'} is better)",
+        flush=True,
+    )
+
+
+def settings_lines(rows: dict[str, list[dict[str, Any]]]) -> None:
+    for system, runs in rows.items():
+        s = next((r.get("settings") for r in runs if r.get("settings")), None)
+        if s:
+            print(f"     {system}: {s}")
+
+
+def section_raw(url: str) -> None:
+    print("\n## Redis itself", flush=True)
+    rt = round_trip(url)
+    pl = pipelined(url)
+    print(
+        f"  LPUSH+BRPOP one at a time: {rt['throughput']:,.0f} ops/s, "
+        f"p50 {rt['p50_ms']:.3f} ms, p99 {rt['p99_ms']:.3f} ms"
+    )
+    print(f"  pipelined LPUSH + LPOP count: {pl['throughput']:,.0f} items/s", flush=True)
+
+
+def section_scheduler() -> None:
+    print("\n## Scheduler scale (in process, simulated fleet)", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.scheduler_scale"], cwd=ROOT, check=False)
+
+
+def section_idle(url: str, window: float) -> None:
+    print(f"\n## Idle cost over {window:.0f}s", flush=True)
+    for row in idle_cost(url, window=window):
+        print(
+            f"  {row['what']:<50} {row['cpu_sec_per_min']:.3f} CPU s/min "
+            f"({row['core_percent']:.2f}% of one core)",
+            flush=True,
+        )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tasks", type=int, default=10_000)
+    p.add_argument("--latency-tasks", type=int, default=500)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--peers", default=",".join(PEERS))
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
+    p.add_argument("--idle-window", type=float, default=60.0)
+    args = p.parse_args()
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    with EmbeddedRedis() as server:
+        print(f"# FlowMesh benchmark: private Redis {server.url} ({server.binary})", flush=True)
+        systems = pythons(peers) if only & {"throughput", "latency"} else {}
+        if "raw" in only:
+            section_raw(server.url)
+        if "throughput" in only:
+            section_throughput(server.url, systems, args)
+        if "latency" in only:
+            section_latency(server.url, systems, args)
+        if "scheduler" in only:
+            section_scheduler()
+        if "idle" in only:
+            section_idle(server.url, args.idle_window)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

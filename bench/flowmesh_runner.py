@@ -1,0 +1,200 @@
+"""FlowMesh under the peers' protocol (bench/peers/*_runner.py): same task, same counter.
+
+    uv run python bench/flowmesh_runner.py --redis-url URL --mode throughput --tasks 10000 \
+        --workers 1 --out out.json
+
+Throughput: an orchestrator and K worker processes; N no-op tasks submitted over HTTP in
+batches of 500 (the API's bulk form); time from the first submit until the shared Redis
+counter reaches N. Latency: one idle worker; N tasks one at a time, each submitted with
+POST and its result read back with GET (polled every 1 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from flowmesh import __version__
+from flowmesh.embedded import free_port
+
+PLUGIN = Path(__file__).resolve().parent / "plugin"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[round(q * (len(ordered) - 1))]
+
+
+class Fleet:
+    def __init__(self, redis_url: str, workers: int, slots: int):
+        self.logs = Path(tempfile.mkdtemp(prefix="flowmesh-bench-"))
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "FLOWMESH_BENCH_REDIS_URL": redis_url,
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(PLUGIN),
+            "WORKER_EXECUTORS": "bench_noop",
+            "WORKER_SLOTS": str(slots),
+            "RESULTS_DIR": str(self.logs / "results"),
+            "REDIS_KEY_PREFIX": f"fmbench{uuid.uuid4().hex[:6]}:",
+        }
+        self.env.pop("FLOWMESH_API_TOKEN", None)
+        self.prefix = self.env["REDIS_KEY_PREFIX"]
+        self.port = free_port()
+        self.procs = [
+            self._spawn("orchestrator", ["-m", "orchestrator.main", "--port", str(self.port)])
+        ]
+        self.procs += [
+            self._spawn(f"w{i}", ["-m", "worker.main"], WORKER_ID=f"bench-{i}")
+            for i in range(workers)
+        ]
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        self.r = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = self.http.get("/healthz").status_code == 200 and all(
+                    self._ready(i) for i in range(workers)
+                )
+            except httpx.HTTPError:
+                ready = False
+            if ready:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fleet did not start; logs in {self.logs}")
+            time.sleep(0.1)
+
+    def _ready(self, i: int) -> bool:
+        # The first heartbeat (with `load`) follows the executor child's start.
+        return bool(self.r.hexists(f"{self.prefix}worker:bench-{i}", "load"))
+
+    def _spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+        with (self.logs / f"{name}.log").open("ab") as fh:
+            return subprocess.Popen(
+                [sys.executable, *args],
+                env={**self.env, **env},
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
+
+    def close(self) -> None:
+        self.http.close()
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for key in self.r.scan_iter(f"{self.prefix}*", count=1000):
+            self.r.delete(key)
+        self.r.close()
+
+
+def spec(run_id: str, i: int, latency: bool = False) -> dict[str, Any]:
+    return {
+        "spec": {
+            "taskType": "bench_noop",
+            "echo": {"message": {"run": run_id, "i": i, "t": time.time(), "latency": latency}},
+        }
+    }
+
+
+def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    counter = f"bench:{run_id}:done"
+    t0 = time.perf_counter()
+    for start in range(0, n, 500):
+        batch = [spec(run_id, i) for i in range(start, min(n, start + 500))]
+        fleet.http.post("/api/v1/tasks", json=batch).raise_for_status()
+    t_submitted = time.perf_counter()
+    deadline = time.monotonic() + 300
+    while int(fleet.r.get(counter) or 0) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t_done = time.perf_counter()
+    done = int(fleet.r.get(counter) or 0)
+    fleet.r.delete(counter)
+    return {
+        "system": "flowmesh",
+        "version": __version__,
+        "mode": "throughput",
+        "tasks": n,
+        "workers": workers,
+        "completed": done,
+        "submit_sec": t_submitted - t0,
+        "submit_rate": n / (t_submitted - t0),
+        "total_sec": t_done - t0,
+        "throughput": n / (t_done - t0),
+        "settings": (
+            f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child"
+        ),
+    }
+
+
+def latency(fleet: Fleet, n: int) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    starts: list[float] = []
+    results: list[float] = []
+    for i in range(-20, n):  # the first 20 warm up
+        body = spec(run_id, i, latency=True)
+        submitted = body["spec"]["echo"]["message"]["t"] = time.time()
+        task_id = fleet.http.post("/api/v1/tasks", json=body).json()["tasks"][0]["task_id"]
+        while fleet.http.get(f"/api/v1/tasks/{task_id}").json()["status"] != "DONE":
+            time.sleep(0.001)
+        seen = time.time()
+        if i >= 0:
+            results.append((seen - submitted) * 1000)
+            raw = fleet.r.lindex(f"bench:{run_id}:start", -1)
+            starts.append((float(raw.decode().split(":")[1]) - submitted) * 1000)
+    for key in (f"bench:{run_id}:start", f"bench:{run_id}:done"):
+        fleet.r.delete(key)
+    return {
+        "system": "flowmesh",
+        "version": __version__,
+        "mode": "latency",
+        "tasks": n,
+        "start_p50_ms": pct(starts, 0.5),
+        "start_p99_ms": pct(starts, 0.99),
+        "result_p50_ms": pct(results, 0.5),
+        "result_p99_ms": pct(results, 0.99),
+        "settings": "POST one task, poll GET /api/v1/tasks/{id} every 1 ms",
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--mode", choices=["throughput", "latency"], required=True)
+    p.add_argument("--tasks", type=int, default=10_000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--slots", type=int, default=64, help="WORKER_SLOTS")
+    args = p.parse_args()
+    fleet = Fleet(args.redis_url, 1 if args.mode == "latency" else args.workers, slots=args.slots)
+    try:
+        if args.mode == "throughput":
+            out = throughput(fleet, args.tasks, args.workers)
+        else:
+            out = latency(fleet, args.tasks)
+    finally:
+        fleet.close()
+    print(json.dumps(out))
+    if args.out:
+        args.out.write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
