@@ -32,18 +32,10 @@ Settings (the headline):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from contextlib import suppress
 from importlib.metadata import version as pkg_version
-from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -52,9 +44,21 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
+from harness import (
+    RESULT_TIMEOUT_S,
+    Workers,
+    cleanup,
+    latency_result,
+    main,
+    measure,
+    start_times,
+    throughput_result,
+    wait_done,
+    wait_ready,
+    worker_env,
+)
 
 PEER = "dramatiq"
-HERE = Path(__file__).resolve().parent
 ACTOR_NAME = "bench_task"
 THREADS = 8  # Dramatiq's default --threads
 
@@ -127,180 +131,6 @@ if os.environ.get("BENCH_DRAMATIQ_WORKER") == "1":
     broker, _actor, _backend = setup(WORKER_REDIS_URL, RUN_ID, MODE, worker_side=True)
 
 
-# ---- common harness (the same in every runner of the protocol) ----
-DONE_POLL_S = 0.005
-DONE_TIMEOUT_S = 300.0
-READY_TIMEOUT_S = 60.0
-WARMUP_TASKS = 20
-RESULT_TIMEOUT_S = 30.0
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it if the runner dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of pid (from /proc), so children that left the group die too."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def percentile(sorted_vals: list[float], q: float) -> float:
-    return sorted_vals[round(q * (len(sorted_vals) - 1))]
-
-
-class Workers:
-    """Worker processes, each the leader of its own process group; logs go to a temp dir."""
-
-    def __init__(self, cmds: list[list[str]], env: dict[str, str]):
-        self.logdir = Path(tempfile.mkdtemp(prefix=f"bench-{PEER}-"))
-        self.procs: list[subprocess.Popen] = []
-        self.keep_logs = False
-        for i, cmd in enumerate(cmds):
-            with open(self.logdir / f"worker{i}.log", "wb") as log:  # Popen keeps its own copy
-                self.procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        cwd=HERE,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                        preexec_fn=_die_with_parent,
-                    )
-                )
-
-    def check_alive(self) -> None:
-        for i, p in enumerate(self.procs):
-            if p.poll() is not None:
-                self.keep_logs = True
-                raise RuntimeError(
-                    f"{PEER} worker {i} exited with code {p.returncode}; logs in {self.logdir}"
-                )
-
-    def log_tail(self, n: int = 3000) -> str:
-        out = []
-        for f in sorted(self.logdir.glob("*.log")):
-            out.append(f"--- {f}\n" + f.read_bytes()[-n:].decode(errors="replace"))
-        return "\n".join(out)
-
-    def stop(self) -> None:
-        # children that made their own process group (RQ's work horse) are found through /proc
-        strays = {c for p in self.procs for c in _descendants(p.pid)}
-        for p in self.procs:
-            with suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            with suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        strays |= {c for p in self.procs if p.poll() is None for c in _descendants(p.pid)}
-        for p in self.procs:  # the whole group, children included, whatever state it is in
-            with suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=5)
-        for pid in strays:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not self.keep_logs:
-            shutil.rmtree(self.logdir, ignore_errors=True)
-
-
-def wait_ready(r: redis.Redis, workers: Workers, run_id: str, k: int) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while int(r.get(f"bench:{run_id}:ready") or 0) < k:
-        workers.check_alive()
-        if time.monotonic() > deadline:
-            workers.keep_logs = True
-            raise RuntimeError(
-                f"{PEER} workers not ready after {READY_TIMEOUT_S}s:\n{workers.log_tail()}"
-            )
-        time.sleep(0.05)
-
-
-def cleanup(r: redis.Redis, run_id: str) -> None:
-    """Delete only this run's keys: bench:<run_id>:* and the peer's keys named after the run."""
-    for pattern in (f"bench:{run_id}:*", f"*bench-{run_id}*"):
-        batch = []
-        for key in r.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                r.delete(*batch)
-                batch = []
-        if batch:
-            r.delete(*batch)
-
-
-def worker_env(args: argparse.Namespace, run_id: str, mode: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        BENCH_RUN_ID=run_id,
-        BENCH_MODE=mode,
-        BENCH_REDIS_URL=args.redis_url,
-        PYTHONPATH=str(HERE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def wait_done(r: redis.Redis, workers: Workers, run_id: str, n: int, t0: float) -> int:
-    done_key = f"bench:{run_id}:done"
-    while True:
-        done = int(r.get(done_key) or 0)
-        if done >= n or time.perf_counter() - t0 > DONE_TIMEOUT_S:
-            return done
-        workers.check_alive()
-        time.sleep(DONE_POLL_S)
-
-
-def start_times(r: redis.Redis, run_id: str, submitted: dict[int, float]) -> list[float]:
-    start_ms = []
-    for item in r.lrange(f"bench:{run_id}:start", 0, -1):
-        idx, ts = item.decode().split(":", 1)
-        if int(idx) in submitted:
-            start_ms.append((float(ts) - submitted[int(idx)]) * 1000)
-    if len(start_ms) != len(submitted):
-        raise RuntimeError(f"expected {len(submitted)} start records, got {len(start_ms)}")
-    return sorted(start_ms)
-
-
-def summary(res: dict) -> str:
-    head = f"{res['system']} {res['version']} {res['mode']}: "
-    if res["mode"] == "throughput":
-        return head + (
-            f"{res['completed']}/{res['tasks']} tasks, {res['workers']} worker(s): "
-            f"submit {res['submit_rate']:.0f}/s ({res['submit_sec']:.2f}s), "
-            f"total {res['total_sec']:.2f}s = {res['throughput']:.0f} tasks/s"
-        )
-    return head + (
-        f"{res['tasks']} tasks: start p50 {res['start_p50_ms']:.2f} ms "
-        f"p99 {res['start_p99_ms']:.2f} ms; result p50 {res['result_p50_ms']:.2f} ms "
-        f"p99 {res['result_p99_ms']:.2f} ms"
-    )
-
-
 # ---- peer-specific client side ----
 def worker_cmds(args: argparse.Namespace, run_id: str, k: int) -> list[list[str]]:
     # one CLI supervisor forking K worker processes (Dramatiq's own way to run K processes)
@@ -319,9 +149,7 @@ def worker_cmds(args: argparse.Namespace, run_id: str, k: int) -> list[list[str]
 
 
 def dramatiq_env(args: argparse.Namespace, run_id: str, mode: str) -> dict[str, str]:
-    env = worker_env(args, run_id, mode)
-    env["BENCH_DRAMATIQ_WORKER"] = "1"
-    return env
+    return worker_env(args, run_id, mode, BENCH_DRAMATIQ_WORKER="1")
 
 
 def settings_line(args: argparse.Namespace, mode: str, k: int) -> str:
@@ -345,7 +173,7 @@ def run_throughput(args: argparse.Namespace, run_id: str) -> dict:
     n, k = args.tasks, args.workers
     r = redis.Redis.from_url(args.redis_url)
     client_broker, actor, _ = setup(args.redis_url, run_id, "throughput", worker_side=False)
-    workers = Workers(worker_cmds(args, run_id, k), dramatiq_env(args, run_id, "throughput"))
+    workers = Workers(PEER, worker_cmds(args, run_id, k), dramatiq_env(args, run_id, "throughput"))
     try:
         wait_ready(r, workers, run_id, k)
         t0 = time.perf_counter()
@@ -359,28 +187,24 @@ def run_throughput(args: argparse.Namespace, run_id: str) -> dict:
         cleanup(r, run_id)
         client_broker.close()
         r.close()
-    submit_sec = t_sub - t0
-    total_sec = t_done - t0
-    return {
-        "system": PEER,
-        "version": pkg_version("dramatiq"),
-        "mode": "throughput",
-        "tasks": n,
-        "workers": k,
-        "completed": done,
-        "submit_sec": submit_sec,
-        "submit_rate": n / submit_sec,
-        "total_sec": total_sec,
-        "throughput": n / total_sec,
-        "settings": settings_line(args, "throughput", k),
-    }
+    return throughput_result(
+        PEER,
+        pkg_version("dramatiq"),
+        n,
+        k,
+        done,
+        t0,
+        t_sub,
+        t_done,
+        settings_line(args, "throughput", k),
+    )
 
 
 def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     n = args.tasks
     r = redis.Redis.from_url(args.redis_url)
     client_broker, actor, backend = setup(args.redis_url, run_id, "latency", worker_side=False)
-    workers = Workers(worker_cmds(args, run_id, 1), dramatiq_env(args, run_id, "latency"))
+    workers = Workers(PEER, worker_cmds(args, run_id, 1), dramatiq_env(args, run_id, "latency"))
     try:
         wait_ready(r, workers, run_id, 1)
 
@@ -394,57 +218,17 @@ def run_latency(args: argparse.Namespace, run_id: str) -> dict:
             )  # the result key (a hash: no pattern finds it)
             return submitted_at, seen
 
-        for w in range(WARMUP_TASKS):
-            one(-1 - w)
-        r.delete(f"bench:{run_id}:start")
-        submitted: dict[int, float] = {}
-        result_ms: list[float] = []
-        for i in range(n):
-            sub, seen = one(i)
-            submitted[i] = sub
-            result_ms.append((seen - sub) * 1000)
+        submitted, result_ms = measure(one, r, run_id, n)
         start_ms = start_times(r, run_id, submitted)
     finally:
         workers.stop()
         cleanup(r, run_id)
         client_broker.close()
         r.close()
-    result_ms.sort()
-    return {
-        "system": PEER,
-        "version": pkg_version("dramatiq"),
-        "mode": "latency",
-        "tasks": n,
-        "start_p50_ms": percentile(start_ms, 0.5),
-        "start_p99_ms": percentile(start_ms, 0.99),
-        "result_p50_ms": percentile(result_ms, 0.5),
-        "result_p99_ms": percentile(result_ms, 0.99),
-        "settings": settings_line(args, "latency", 1),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=f"{PEER} benchmark runner (common peer protocol)")
-    ap.add_argument("--redis-url", required=True)
-    ap.add_argument("--mode", choices=["throughput", "latency"], required=True)
-    ap.add_argument("--tasks", type=int, required=True)
-    ap.add_argument(
-        "--workers", type=int, default=1, help="worker processes (throughput mode; latency uses 1)"
+    return latency_result(
+        PEER, pkg_version("dramatiq"), n, start_ms, result_ms, settings_line(args, "latency", 1)
     )
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if args.tasks < 1 or args.workers < 1:
-        ap.error("--tasks and --workers must be >= 1")
-    run_id = uuid.uuid4().hex[:12]
-    # a SIGTERM from whoever runs us still unwinds through the finally blocks that stop the workers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    runner = run_throughput if args.mode == "throughput" else run_latency
-    res = runner(args, run_id)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(summary(res), flush=True)
-    return 0 if res.get("completed", res["tasks"]) >= res["tasks"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(PEER, run_throughput, run_latency))

@@ -1,0 +1,456 @@
+"""The common harness of the peer runners (bench/peers/<peer>_runner.py).
+
+Every runner is run as a script by its peer's venv python (which does not have the project
+installed), so this module is imported as a sibling (`from harness import ...`): the runner's
+directory is sys.path[0], and the workers get it on PYTHONPATH (see `worker_env`).
+Standard library only; the Redis clients (redis-py, sync or asyncio) are passed in.
+
+What is here: worker processes (each the leader of its own process group, stopped with
+SIGTERM, a grace period, then SIGKILL to the group), readiness and completion waits on the
+bench:<run_id>:* counters, the run's key cleanup, percentiles, the result dicts, the
+one-line summary and the common command line (`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent  # the runners' directory: the workers' cwd
+
+DONE_POLL_S = 0.005
+DONE_TIMEOUT_S = 300.0
+READY_TIMEOUT_S = 60.0
+WARMUP_TASKS = 20
+RESULT_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL to the process group
+
+
+# ---- worker processes ----
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it if the runner dies without cleaning up (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of pid (from /proc), so children that left the group die too."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log: Path, **kw: Any) -> subprocess.Popen:
+    with open(log, "wb") as f:  # Popen keeps its own copy
+        return subprocess.Popen(
+            cmd,
+            cwd=HERE,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **kw,
+        )
+
+
+class _WorkersBase:
+    """Worker processes, each the leader of its own process group; logs go to a temp dir."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.logdir = Path(tempfile.mkdtemp(prefix=f"bench-{peer}-"))
+        self.procs: list[subprocess.Popen] = []
+        self.keep_logs = False
+
+    def check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                self.keep_logs = True
+                raise RuntimeError(
+                    f"{self.peer} worker {i} exited with code {p.returncode}; logs in {self.logdir}"
+                )
+
+    def log_tail(self, n: int = 3000) -> str:
+        out = []
+        for f in sorted(self.logdir.glob("*.log")):
+            out.append(f"--- {f}\n" + f.read_bytes()[-n:].decode(errors="replace"))
+        return "\n".join(out)
+
+    def not_ready(self) -> RuntimeError:
+        self.keep_logs = True
+        return RuntimeError(
+            f"{self.peer} workers not ready after {READY_TIMEOUT_S}s:\n{self.log_tail()}"
+        )
+
+    def _drop_logs(self) -> None:
+        if not self.keep_logs:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+class Workers(_WorkersBase):
+    """One process per command; each dies with the runner (PR_SET_PDEATHSIG). `stop` sends
+    SIGTERM to the groups, then SIGKILLs them and every descendant found through /proc."""
+
+    def __init__(self, peer: str, cmds: list[list[str]], env: dict[str, str]):
+        super().__init__(peer)
+        for i, cmd in enumerate(cmds):
+            self.procs.append(
+                _spawn(cmd, env, self.logdir / f"worker{i}.log", preexec_fn=_die_with_parent)
+            )
+
+    def stop(self) -> None:
+        # children that made their own process group (RQ's work horse) are found through /proc
+        strays = {c for p in self.procs for c in _descendants(p.pid)}
+        for p in self.procs:
+            with suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs:
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        strays |= {c for p in self.procs if p.poll() is None for c in _descendants(p.pid)}
+        for p in self.procs:  # the whole group, children included, whatever state it is in
+            with suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        for pid in strays:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._drop_logs()
+
+
+# A watchdog in its own session: reads the workers' process-group ids on stdin; if its stdin
+# closes without "done" (the runner was SIGKILLed, by a timeout say), it SIGKILLs those groups.
+WATCHDOG = r"""
+import os, signal, sys
+pgids = []
+for line in sys.stdin:
+    line = line.strip()
+    if line == "done":
+        sys.exit(0)
+    if line:
+        pgids.append(int(line))
+for g in pgids:
+    try:
+        os.killpg(g, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+"""
+
+
+class WatchedWorkers(_WorkersBase):
+    """K processes of one command, under a WATCHDOG. `stop` sends SIGTERM to each leader
+    (which stops its own children), then SIGKILLs the groups. BENCH_KEEP_LOGS=1 (debugging)
+    keeps the workers' logs."""
+
+    def __init__(self, peer: str, cmd: list[str], env: dict[str, str], k: int):
+        super().__init__(peer)
+        self.keep_logs = os.environ.get("BENCH_KEEP_LOGS") == "1"
+        if self.keep_logs:
+            print(f"{peer} worker logs in {self.logdir}", file=sys.stderr)
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        for i in range(k):
+            p = _spawn(cmd, env, self.logdir / f"worker{i}.log")
+            self.procs.append(p)
+            self.watchdog.stdin.write(f"{p.pid}\n")
+            self.watchdog.stdin.flush()
+
+    def stop(self) -> None:
+        for p in self.procs:  # graceful: SIGTERM to the leader, which stops its own children
+            with suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs:
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for p in self.procs:  # the whole group, children included, whatever state it is in
+            with suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        try:
+            self.watchdog.stdin.write("done\n")
+            self.watchdog.stdin.close()
+            self.watchdog.wait(timeout=5)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.watchdog.kill()
+        self._drop_logs()
+
+
+def worker_env(args: argparse.Namespace, run_id: str, mode: str, **extra: str) -> dict[str, str]:
+    """The workers' environment: BENCH_* (run id, mode, Redis URL, extra) and HERE on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(
+        BENCH_RUN_ID=run_id,
+        BENCH_MODE=mode,
+        BENCH_REDIS_URL=args.redis_url,
+        **extra,
+        PYTHONPATH=str(HERE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+# ---- Redis side: sync (redis.Redis) and asyncio (redis.asyncio.Redis) ----
+def _patterns(run_id: str) -> tuple[str, str]:
+    return (f"bench:{run_id}:*", f"*bench-{run_id}*")
+
+
+def wait_ready(r: Any, workers: _WorkersBase, run_id: str, k: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while int(r.get(f"bench:{run_id}:ready") or 0) < k:
+        workers.check_alive()
+        if time.monotonic() > deadline:
+            raise workers.not_ready()
+        time.sleep(0.05)
+
+
+async def async_wait_ready(r: Any, workers: _WorkersBase, run_id: str, k: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while int(await r.get(f"bench:{run_id}:ready") or 0) < k:
+        workers.check_alive()
+        if time.monotonic() > deadline:
+            raise workers.not_ready()
+        await asyncio.sleep(0.05)
+
+
+def cleanup(r: Any, run_id: str) -> None:
+    """Delete only this run's keys: bench:<run_id>:* and the peer's keys named after the run."""
+    for pattern in _patterns(run_id):
+        batch = []
+        for key in r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                r.delete(*batch)
+                batch = []
+        if batch:
+            r.delete(*batch)
+
+
+async def async_cleanup(r: Any, run_id: str) -> None:
+    """`cleanup` with an asyncio client."""
+    for pattern in _patterns(run_id):
+        batch = []
+        async for key in r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                await r.delete(*batch)
+                batch = []
+        if batch:
+            await r.delete(*batch)
+
+
+def wait_done(r: Any, workers: _WorkersBase, run_id: str, n: int, t0: float) -> int:
+    done_key = f"bench:{run_id}:done"
+    while True:
+        done = int(r.get(done_key) or 0)
+        if done >= n or time.perf_counter() - t0 > DONE_TIMEOUT_S:
+            return done
+        workers.check_alive()
+        time.sleep(DONE_POLL_S)
+
+
+async def async_wait_done(r: Any, workers: _WorkersBase, run_id: str, n: int, t0: float) -> int:
+    done_key = f"bench:{run_id}:done"
+    while True:
+        done = int(await r.get(done_key) or 0)
+        if done >= n or time.perf_counter() - t0 > DONE_TIMEOUT_S:
+            return done
+        workers.check_alive()
+        await asyncio.sleep(DONE_POLL_S)
+
+
+def measure(one: Callable[[int], tuple[float, float]], r: Any, run_id: str, n: int):
+    """Latency mode: WARMUP_TASKS warm-up calls of one(index) -> (submitted_at, seen), the start
+    records dropped, then n timed calls. Returns ({index: submitted_at}, result latencies ms)."""
+    for w in range(WARMUP_TASKS):
+        one(-1 - w)
+    r.delete(f"bench:{run_id}:start")
+    submitted: dict[int, float] = {}
+    result_ms: list[float] = []
+    for i in range(n):
+        sub, seen = one(i)
+        submitted[i] = sub
+        result_ms.append((seen - sub) * 1000)
+    return submitted, result_ms
+
+
+async def async_measure(
+    one: Callable[[int], Awaitable[tuple[float, float]]], r: Any, run_id: str, n: int
+):
+    """`measure` with an async one() and an asyncio client."""
+    for w in range(WARMUP_TASKS):
+        await one(-1 - w)
+    await r.delete(f"bench:{run_id}:start")
+    submitted: dict[int, float] = {}
+    result_ms: list[float] = []
+    for i in range(n):
+        sub, seen = await one(i)
+        submitted[i] = sub
+        result_ms.append((seen - sub) * 1000)
+    return submitted, result_ms
+
+
+def start_ms_from(raw: list[bytes], submitted: dict[int, float]) -> list[float]:
+    """Start latencies (ms, sorted) from the bench:<run_id>:start records ("index:started")."""
+    start_ms = []
+    for item in raw:
+        idx, ts = item.decode().split(":", 1)
+        if int(idx) in submitted:
+            start_ms.append((float(ts) - submitted[int(idx)]) * 1000)
+    if len(start_ms) != len(submitted):
+        raise RuntimeError(f"expected {len(submitted)} start records, got {len(start_ms)}")
+    return sorted(start_ms)
+
+
+def start_times(r: Any, run_id: str, submitted: dict[int, float]) -> list[float]:
+    return start_ms_from(r.lrange(f"bench:{run_id}:start", 0, -1), submitted)
+
+
+# ---- results ----
+def percentile(sorted_vals: list[float], q: float) -> float:
+    return sorted_vals[round(q * (len(sorted_vals) - 1))]
+
+
+def throughput_result(
+    peer: str,
+    version: str,
+    n: int,
+    k: int,
+    done: int,
+    t0: float,
+    t_sub: float,
+    t_done: float,
+    settings: str,
+) -> dict:
+    submit_sec = t_sub - t0
+    total_sec = t_done - t0
+    return {
+        "system": peer,
+        "version": version,
+        "mode": "throughput",
+        "tasks": n,
+        "workers": k,
+        "completed": done,
+        "submit_sec": submit_sec,
+        "submit_rate": n / submit_sec,
+        "total_sec": total_sec,
+        "throughput": n / total_sec,
+        "settings": settings,
+    }
+
+
+def latency_result(
+    peer: str,
+    version: str,
+    n: int,
+    start_ms: list[float],
+    result_ms: list[float],
+    settings: str,
+) -> dict:
+    result_ms = sorted(result_ms)
+    return {
+        "system": peer,
+        "version": version,
+        "mode": "latency",
+        "tasks": n,
+        "start_p50_ms": percentile(start_ms, 0.5),
+        "start_p99_ms": percentile(start_ms, 0.99),
+        "result_p50_ms": percentile(result_ms, 0.5),
+        "result_p99_ms": percentile(result_ms, 0.99),
+        "settings": settings,
+    }
+
+
+def summary(res: dict) -> str:
+    head = f"{res['system']} {res['version']} {res['mode']}: "
+    if res["mode"] == "throughput":
+        return head + (
+            f"{res['completed']}/{res['tasks']} tasks, {res['workers']} worker(s): "
+            f"submit {res['submit_rate']:.0f}/s ({res['submit_sec']:.2f}s), "
+            f"total {res['total_sec']:.2f}s = {res['throughput']:.0f} tasks/s"
+        )
+    return head + (
+        f"{res['tasks']} tasks: start p50 {res['start_p50_ms']:.2f} ms "
+        f"p99 {res['start_p99_ms']:.2f} ms; result p50 {res['result_p50_ms']:.2f} ms "
+        f"p99 {res['result_p99_ms']:.2f} ms"
+    )
+
+
+# ---- command line ----
+Runner = Callable[[argparse.Namespace, str], Any]  # -> dict, or a coroutine giving one
+
+
+def main(
+    peer: str,
+    run_throughput: Runner,
+    run_latency: Runner,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """The common command line: parse, run one mode, write --out, print the summary line.
+    add_args adds the peer's own flags; async runners are run with asyncio.run."""
+    ap = argparse.ArgumentParser(description=f"{peer} benchmark runner (common peer protocol)")
+    ap.add_argument("--redis-url", required=True)
+    ap.add_argument("--mode", choices=["throughput", "latency"], required=True)
+    ap.add_argument("--tasks", type=int, required=True)
+    ap.add_argument(
+        "--workers", type=int, default=1, help="worker processes (throughput mode; latency uses 1)"
+    )
+    ap.add_argument("--out", required=True)
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    if args.tasks < 1 or args.workers < 1:
+        ap.error("--tasks and --workers must be >= 1")
+    run_id = uuid.uuid4().hex[:12]
+    # a SIGTERM from whoever runs us still unwinds through the finally blocks that stop the workers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    runner = run_throughput if args.mode == "throughput" else run_latency
+    res = runner(args, run_id)
+    if inspect.iscoroutine(res):
+        res = asyncio.run(res)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(summary(res), flush=True)
+    return 0 if res.get("completed", res["tasks"]) >= res["tasks"] else 1
