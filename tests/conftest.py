@@ -147,8 +147,15 @@ def _spawn(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     fh = log_path.open("ab")
+    # Each in its own session, like a real service: a signal to its process group (a
+    # terminal's Ctrl-C) then reaches it and its children, never pytest.
     proc = subprocess.Popen(
-        [sys.executable, *args], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT
+        [sys.executable, *args],
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
     )
     fh.close()
     return proc, log_path

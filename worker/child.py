@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,11 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
 
 
 def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
+    # A Ctrl-C or SIGTERM sent to the whole process group (a terminal, `timeout`, a
+    # container runtime) is for the worker, which drains and then stops us itself; dying
+    # here at once would fail the running tasks instead of letting them finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level,
         format=f"%(asctime)s %(levelname)-7s executor[{executor_name}] %(name)s: %(message)s",

@@ -240,3 +240,18 @@ def test_health_is_open_and_reports_redis(orchestrator):
     r = httpx.get(f"{orchestrator.url}/healthz")
     assert r.status_code == 200
     assert r.json()["redis"] == "ok"
+
+
+def test_signal_to_the_whole_process_group_still_drains(orchestrator, start_worker):
+    """`timeout`, systemd (KillMode=control-group) and container runtimes SIGTERM every
+    process of the group, executor children too: the worker must still drain."""
+    import os
+
+    worker = start_worker("w1")
+    (task_id,) = orchestrator.submit(echo("finish me", delay=1.5))
+    orchestrator.wait(task_id, ("RUNNING",))
+    os.killpg(os.getpgid(worker.proc.pid), signal.SIGTERM)
+    assert worker.proc.wait(timeout=30) == 0
+    task = orchestrator.task(task_id)
+    assert task["status"] == "DONE", task
+    assert task["attempts"] == 1
