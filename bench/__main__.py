@@ -33,14 +33,16 @@ SECTIONS = ("throughput", "latency", "raw", "scheduler", "idle")
 def run_system(
     system: str, python: str, redis_url: str, mode: str, tasks: int, workers: int
 ) -> dict[str, Any]:
-    script = (
-        "bench/flowmesh_runner.py" if system == "flowmesh" else f"bench/peers/{system}_runner.py"
+    target = (
+        ["-m", "bench.flowmesh_runner"]
+        if system == "flowmesh"
+        else [f"bench/peers/{system}_runner.py"]
     )
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         proc = subprocess.run(
             [
                 python,
-                script,
+                *target,
                 "--redis-url",
                 redis_url,
                 "--mode",

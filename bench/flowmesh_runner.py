@@ -1,6 +1,6 @@
 """FlowMesh under the peers' protocol (bench/peers/*_runner.py): same task, same counter.
 
-    uv run python bench/flowmesh_runner.py --redis-url URL --mode throughput --tasks 10000 \
+    uv run python -m bench.flowmesh_runner --redis-url URL --mode throughput --tasks 10000 \
         --workers 1 --out out.json
 
 Throughput: an orchestrator and K worker processes; N no-op tasks submitted over HTTP in
@@ -25,15 +25,11 @@ from typing import Any
 import httpx
 import redis
 
+from bench.stats import percentile
 from flowmesh import __version__
 from flowmesh.embedded import free_port
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))]
 
 
 class Fleet:
@@ -165,10 +161,10 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
         "version": __version__,
         "mode": "latency",
         "tasks": n,
-        "start_p50_ms": pct(starts, 0.5),
-        "start_p99_ms": pct(starts, 0.99),
-        "result_p50_ms": pct(results, 0.5),
-        "result_p99_ms": pct(results, 0.99),
+        "start_p50_ms": percentile(starts, 0.5),
+        "start_p99_ms": percentile(starts, 0.99),
+        "result_p50_ms": percentile(results, 0.5),
+        "result_p99_ms": percentile(results, 0.99),
         "settings": "POST one task, poll GET /api/v1/tasks/{id} every 1 ms",
     }
 

@@ -12,10 +12,7 @@ from typing import Any
 
 import redis
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))]
+from bench.stats import percentile
 
 
 def round_trip(url: str, n: int = 2000) -> dict[str, Any]:
@@ -36,8 +33,8 @@ def round_trip(url: str, n: int = 2000) -> dict[str, Any]:
         "mode": "raw",
         "ops": n,
         "throughput": n / total,
-        "p50_ms": pct(times, 0.5),
-        "p99_ms": pct(times, 0.99),
+        "p50_ms": percentile(times, 0.5),
+        "p99_ms": percentile(times, 0.99),
     }
 
 

@@ -29,14 +29,8 @@ from typing import Any
 import httpx
 import redis
 
+from bench.stats import percentile
 from flowmesh.embedded import EmbeddedRedis, free_port
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Fleet:

@@ -1,7 +1,7 @@
 """Task states and the transitions between them: the one table both sides obey.
 
-The Lua scripts in `flowmesh/lua/` enforce these transitions atomically; this
-module is the readable copy that Python code and tests check against.
+The Lua scripts in `flowmesh/lua/` enforce these transitions atomically; TRANSITIONS
+is their summary for readers (docs/architecture.md draws the same graph).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
         {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.PENDING, TaskStatus.CANCELLED}
     ),
     TaskStatus.DONE: frozenset(),
-    TaskStatus.FAILED: frozenset(),
+    TaskStatus.FAILED: frozenset({TaskStatus.PENDING}),  # requeued from the dead letters
     TaskStatus.CANCELLED: frozenset(),
 }
 

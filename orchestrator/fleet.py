@@ -19,6 +19,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from flowmesh.errors import failure
 from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus, WorkerStatus
@@ -153,12 +154,11 @@ class Fleet:
             silent,
             len(tasks),
         )
-        error = {
-            "kind": "worker_lost",
-            "type": "WorkerLost",
-            "retryable": True,
-            "message": f"worker {worker_id} stopped heartbeating ({silent:.1f}s)",
-        }
+        error = failure(
+            "worker_lost",
+            f"worker {worker_id} stopped heartbeating ({silent:.1f}s)",
+            type="WorkerLost",
+        )
         ids = sorted(tasks)
         async with self.conn.pipeline(transaction=False) as pipe:
             for task_id in ids:

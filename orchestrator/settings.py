@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from pathlib import Path
 
 from flowmesh.config import Env, env_float, env_int, env_log_level, env_str
 from flowmesh.errors import ConfigError
@@ -30,7 +29,6 @@ class OrchestratorSettings:
     max_body_bytes: int
     max_batch: int
     refresh_sec: float
-    results_dir: Path
     lease_intervals: float
     idempotency_ttl: int
 
@@ -55,7 +53,6 @@ class OrchestratorSettings:
             max_body_bytes=env_int(env, "FLOWMESH_MAX_BODY_BYTES", 8 * 2**20, minimum=1024),
             max_batch=env_int(env, "FLOWMESH_MAX_BATCH", 10_000, minimum=1),
             refresh_sec=env_float(env, "SCHEDULER_REFRESH_SEC", 1.0, minimum=0.05),
-            results_dir=Path(env_str(env, "ORCHESTRATOR_RESULTS_DIR", "./orchestrator_results")),
             lease_intervals=env_float(env, "WORKER_LEASE_INTERVALS", 2.0, minimum=1.0),
             idempotency_ttl=env_int(env, "FLOWMESH_IDEMPOTENCY_TTL_SEC", 86_400, minimum=1),
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 from executors.base import ExecutorError, TaskContext
 from executors.registry import load
+from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
 
 
@@ -31,13 +32,13 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
         kind, retryable = "cuda_oom", True
     else:
         kind, retryable = "exception", True
-    return {
-        "kind": kind,
-        "type": type(exc).__name__,
-        "message": str(exc) or type(exc).__name__,
-        "retryable": retryable,
-        "traceback": "".join(traceback.format_exception(exc))[-8000:],
-    }
+    return failure(
+        kind,
+        str(exc) or type(exc).__name__,
+        type=type(exc).__name__,
+        retryable=retryable,
+        traceback="".join(traceback.format_exception(exc))[-8000:],
+    )
 
 
 def child_main(conn: Connection, executor_name: str, log_level: str) -> None:

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from flowmesh.errors import failure
 from worker.child import child_main
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,12 @@ log = logging.getLogger(__name__)
 
 # A task whose child was killed because of another task (or a hand-back): not its
 # fault, so it is re-placed at once and the attempt is not charged.
-INTERRUPTED: dict[str, Any] = {
-    "kind": "interrupted",
-    "type": "ExecutorInterrupted",
-    "message": "executor process was stopped because of another task; handed back",
-    "retryable": True,
-    "charge": False,
-}
+INTERRUPTED = failure(
+    "interrupted",
+    "executor process was stopped because of another task; handed back",
+    type="ExecutorInterrupted",
+    charge=False,
+)
 
 
 class ExecutorFailure(Exception):
@@ -171,12 +171,11 @@ class ExecutorProcess:
         reasons, self._kill_reasons = self._kill_reasons, None
         if reasons is None:
             log.warning("executor %s: child %s exited with code %s", self.name, proc.pid, code)
-            default = {
-                "kind": "crash",
-                "type": "ExecutorCrashed",
-                "message": f"executor {self.name!r} process exited with code {code}",
-                "retryable": True,
-            }
+            default = failure(
+                "crash",
+                f"executor {self.name!r} process exited with code {code}",
+                type="ExecutorCrashed",
+            )
         else:
             log.info("executor %s: child %s killed on purpose", self.name, proc.pid)
             default = INTERRUPTED

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from flowmesh import __version__
+from flowmesh.errors import failure
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.status import TaskStatus, WorkerStatus
 from flowmesh.store import Delivery, Outcome, TaskStore
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class Running:
     delivery: Delivery
-    started: float = field(default_factory=time.monotonic)
     # Why we are stopping it (timeout, cancel, superseded, hand-back), once we are.
     stop_info: dict[str, Any] | None = None
 
@@ -46,18 +46,6 @@ class Running:
     @property
     def task_type(self) -> str:
         return str(self.delivery.spec["spec"]["taskType"])
-
-
-def failure(
-    kind: str, message: str, *, retryable: bool = True, charge: bool = True
-) -> dict[str, Any]:
-    return {
-        "kind": kind,
-        "type": kind,
-        "message": message,
-        "retryable": retryable,
-        "charge": charge,
-    }
 
 
 class Worker:
