@@ -82,12 +82,12 @@ class GpuRequest(StrictModel):
 class HardwareRequest(StrictModel):
     cpu: float | None = Field(None, ge=0, le=4096, description="CPU cores")
     memory: Bytes | None = Field(None, description="RAM, e.g. 16Gi")
-    gpu: GpuRequest = GpuRequest()
+    gpu: GpuRequest = Field(default_factory=GpuRequest)
 
 
 class Resources(StrictModel):
     replicas: int = Field(1, ge=1, le=1, description="Only 1 is supported for now")
-    hardware: HardwareRequest = HardwareRequest()
+    hardware: HardwareRequest = Field(default_factory=HardwareRequest)
     tags: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=list, max_length=64
     )
@@ -132,13 +132,13 @@ class OutputDestination(StrictModel):
 
 
 class OutputSpec(StrictModel):
-    destination: OutputDestination = OutputDestination()
+    destination: OutputDestination = Field(default_factory=OutputDestination)
     artifacts: list[str] = Field(default_factory=list)
 
 
 class TaskBody(StrictModel):
     taskType: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$")
-    resources: Resources = Resources()
+    resources: Resources = Field(default_factory=Resources)
     model: ModelSpec | None = None
     data: DataSpec | None = None
     inference: InferenceOptions | None = None
@@ -164,7 +164,7 @@ class Metadata(StrictModel):
 class TaskSpec(StrictModel):
     apiVersion: Literal["flowmesh/v1"] = "flowmesh/v1"
     kind: Literal["Task"] = "Task"
-    metadata: Metadata = Metadata()
+    metadata: Metadata = Field(default_factory=Metadata)
     spec: TaskBody
 
 

@@ -48,12 +48,42 @@ class NewTask:
 
 @dataclass(frozen=True)
 class Delivery:
-    """One inbox entry: an attempt of a task handed to a worker."""
+    """One inbox entry: an attempt of a task handed to a worker. `spec` is the stored
+    spec as JSON text; the executor child parses it."""
 
     stream_id: str
     task_id: str
     attempt: int
-    spec: dict[str, Any]
+    task_type: str
+    timeout: float | None
+    spec: str
+
+    @classmethod
+    def from_entry(cls, stream_id: str, fields: dict[str, str]) -> Delivery:
+        return cls(
+            stream_id=stream_id,
+            task_id=fields["task_id"],
+            attempt=int(fields["attempt"]),
+            task_type=fields["task_type"],
+            timeout=float(fields["timeout_sec"]) if fields.get("timeout_sec") else None,
+            spec=fields["spec"],
+        )
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one attempt ended, as `TaskStore.settle_many` records it. `error` is the
+    failure record (flowmesh.errors.failure); `stream_id` the inbox entry to ack."""
+
+    task_id: str
+    attempt: int
+    outcome: TaskStatus
+    result_json: str = ""
+    error: dict[str, Any] | None = None
+    charge: bool = True
+    immediate: bool = False
+    avoid: bool = True
+    stream_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -234,14 +264,18 @@ class TaskStore:
 
     # -- orchestrator: place -----------------------------------------------------
     async def dispatch(self, placements: list[tuple[str, str, str]]) -> list[Outcome]:
-        """Place (task_id, worker_id, inbox) triples; each one atomic, all in one round trip."""
+        """Place (task_id, worker_id, inbox) triples, each atomically: one script call per
+        worker, all in one round trip. Outcomes come back in the order given."""
         k = self.keys
         now = f"{time.time():.6f}"
+        by_worker: dict[tuple[str, str], list[int]] = {}
+        for i, (_, worker_id, inbox) in enumerate(placements):
+            by_worker.setdefault((worker_id, inbox), []).append(i)
         async with self.conn.pipeline(transaction=False) as pipe:
-            for task_id, worker_id, inbox in placements:
+            for (worker_id, inbox), indexes in by_worker.items():
+                ids = [placements[i][0] for i in indexes]
                 await self._dispatch(
                     keys=[
-                        k.task(task_id),
                         k.pending_queue,
                         k.tasks_by_status(TaskStatus.PENDING),
                         k.tasks_by_status(TaskStatus.DISPATCHED),
@@ -249,27 +283,38 @@ class TaskStore:
                         k.heartbeat(worker_id),
                         k.worker_tasks(worker_id),
                         inbox,
+                        *(k.task(t) for t in ids),
                     ],
-                    args=[task_id, worker_id, now],
+                    args=[worker_id, now, *ids],
                     client=pipe,
                 )
             replies = await pipe.execute()
-        return [Outcome(bool(r[0]), "" if r[0] else str(r[1])) for r in replies]
+        out: list[Outcome] = [Outcome(False)] * len(placements)
+        for indexes, reply in zip(by_worker.values(), replies, strict=True):
+            for i, r in zip(indexes, reply, strict=True):
+                out[i] = Outcome(True) if isinstance(r, int) else Outcome(False, str(r))
+        return out
 
     # -- worker: run -------------------------------------------------------------
-    async def start(self, task_id: str, attempt: int, worker_id: str) -> Outcome:
+    async def start(self, worker_id: str, attempts: list[tuple[str, int]]) -> list[Outcome]:
+        """Mark (task_id, attempt) pairs RUNNING on `worker_id`, in one script call."""
         k = self.keys
         reply = await self._start(
             keys=[
-                k.task(task_id),
                 k.tasks_by_status(TaskStatus.DISPATCHED),
                 k.tasks_by_status(TaskStatus.RUNNING),
                 k.events,
                 k.worker_tasks(worker_id),
+                *(k.task(t) for t, _ in attempts),
             ],
-            args=[task_id, attempt, worker_id, f"{time.time():.6f}", EVENTS_MAXLEN],
+            args=[
+                worker_id,
+                f"{time.time():.6f}",
+                EVENTS_MAXLEN,
+                *(x for t, a in attempts for x in (t, a)),
+            ],
         )
-        return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
+        return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
 
     async def settle(
         self,
@@ -283,20 +328,49 @@ class TaskStore:
         charge: bool = True,
         immediate: bool = False,
         avoid: bool = True,
-        inbox: str = "",
-        stream_id: str = "",
     ) -> Outcome:
-        """End an attempt: DONE, or a retry after backoff, or FAILED and dead-lettered.
+        """End one attempt: DONE, or a retry after backoff, or FAILED and dead-lettered.
 
         `charge` says whether the failure counts toward maxAttempts (a hand-back does
         not); `immediate` skips the backoff (a lost worker is not the task's fault).
         """
+        ending = Ending(
+            task_id,
+            attempt,
+            outcome,
+            json.dumps(result) if result is not None else "",
+            error,
+            charge=charge,
+            immediate=immediate,
+            avoid=avoid,
+        )
+        return (await self.settle_many(worker_id, [ending]))[0]
+
+    async def settle_many(
+        self, worker_id: str, endings: list[Ending], inbox: str = ""
+    ) -> list[Outcome]:
+        """End several attempts of `worker_id` in one script call, each atomically, and
+        ack their entries in `inbox`."""
         k = self.keys
-        kind = (error or {}).get("kind", "")
-        retryable = bool((error or {}).get("retryable", True))
+        args: list[Any] = [worker_id, f"{time.time():.6f}", INBOX_GROUP, EVENTS_MAXLEN]
+        for e in endings:
+            error = e.error or {}
+            args += [
+                e.task_id,
+                e.attempt,
+                e.outcome.value,
+                e.result_json,
+                json.dumps(error) if error else "",
+                error.get("kind", ""),
+                int(bool(error.get("retryable", True))),
+                int(e.charge),
+                int(e.immediate),
+                int(e.avoid),
+                random.random(),
+                e.stream_id,
+            ]
         reply = await self._settle(
             keys=[
-                k.task(task_id),
                 k.tasks_by_status(TaskStatus.DISPATCHED),
                 k.tasks_by_status(TaskStatus.RUNNING),
                 k.tasks_by_status(TaskStatus.PENDING),
@@ -307,27 +381,11 @@ class TaskStore:
                 k.worker_tasks(worker_id),
                 k.events,
                 inbox or k.events,
+                *(k.task(e.task_id) for e in endings),
             ],
-            args=[
-                task_id,
-                attempt,
-                worker_id,
-                f"{time.time():.6f}",
-                outcome.value,
-                json.dumps(result) if result is not None else "",
-                json.dumps(error) if error else "",
-                kind,
-                int(retryable),
-                int(charge),
-                int(immediate),
-                int(avoid),
-                random.random(),
-                INBOX_GROUP,
-                EVENTS_MAXLEN,
-                stream_id,
-            ],
+            args=args,
         )
-        return Outcome(bool(reply[0]), str(reply[1]))
+        return [Outcome(bool(r[0]), str(r[1])) for r in reply]
 
     async def cancel(self, task_id: str) -> tuple[bool, str, str, int]:
         """(cancelled?, previous or current status, worker id, attempt)."""

@@ -1,19 +1,29 @@
 """The executor child process: one executor instance, warm between tasks.
 
 Runs in a process spawned by `worker.host`. Its main thread only reads requests
-from the pipe; tasks run on a thread pool of the executor's `max_concurrency`.
-When the worker dies the pipe closes, the read fails, and the child exits, so
-no orphan keeps a GPU busy.
+from the pipe; tasks run on a thread pool of the executor's `max_concurrency`,
+and a sender thread returns their results. Both directions carry batches: every
+request the worker had ready in one message, every result finished meanwhile in
+one reply, so a busy worker pays one pipe round trip for many tasks.
+
+The child also writes each task's `responses.json` and `manifest.json` (in the
+task's thread, right after `run`), so the worker's event loop does no file I/O
+per task. When the worker dies the pipe closes, the read fails, and the child
+exits, so no orphan keeps a GPU busy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import signal
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,32 @@ from executors.base import ExecutorError, TaskContext
 from executors.registry import load
 from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
+from worker.outputs import write_outputs
+
+
+@dataclass(frozen=True)
+class Request:
+    """One attempt sent to the child. `spec` is the task spec as stored (JSON text)."""
+
+    req_id: str
+    task_id: str
+    attempt: int
+    spec: str
+    output_dir: str
+    worker_id: str
+    task_type: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The child's answer for one request: the result as JSON text when `ok`, else the
+    recorded error; `wrote` says whether responses.json says the same."""
+
+    req_id: str
+    ok: bool
+    result_json: str | None
+    error: dict[str, Any] | None
+    wrote: bool
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
@@ -52,43 +88,14 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
         format=f"%(asctime)s %(levelname)-7s executor[{executor_name}] %(name)s: %(message)s",
     )
     log = logging.getLogger("worker.child")
-    send_lock = threading.Lock()
-
-    def send(message: tuple[Any, ...]) -> None:
-        with send_lock:
-            conn.send(message)
 
     try:
         cls = load(executor_name)
         executor = cls()
         executor.setup()
     except Exception as exc:  # reported to the parent, which fails the tasks waiting for it
-        send(("setup_failed", describe_failure(exc)))
+        conn.send(("setup_failed", describe_failure(exc)))
         return
-    send(("ready", executor.health()))
-
-    cancels: dict[str, threading.Event] = {}
-
-    def run_one(req_id: str, payload: dict[str, Any]) -> None:
-        """Run one task and always answer, whatever fails (the parent waits for the reply)."""
-        try:
-            ctx = TaskContext(
-                task_id=payload["task_id"],
-                attempt=payload["attempt"],
-                spec=TaskSpec.model_validate(payload["spec"]),
-                output_dir=Path(payload["output_dir"]),
-                cancelled=cancels[req_id],
-                log=logging.LoggerAdapter(log, {"task_id": payload["task_id"]}),
-            )
-            reply: tuple[Any, ...] = ("result", req_id, True, executor.run(ctx), safe_health())
-        except BaseException as exc:  # every failure goes back to the parent, typed
-            reply = ("result", req_id, False, describe_failure(exc), safe_health())
-        finally:
-            cancels.pop(req_id, None)
-        try:
-            send(reply)
-        except Exception as exc:  # a result that cannot be pickled, say
-            send(("result", req_id, False, describe_failure(exc), safe_health()))
 
     def safe_health() -> dict[str, Any]:
         try:
@@ -97,6 +104,88 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
             log.exception("executor %s: health() failed", executor_name)
             return {}
 
+    conn.send(("ready", safe_health()))
+
+    cancels: dict[str, threading.Event] = {}
+    replies: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
+
+    def run_one(req: Request) -> None:
+        """Run one task and always answer, whatever fails (the parent waits for the reply)."""
+        cancelled = cancels[req.req_id]
+        started_at, t0 = time.time(), time.monotonic()
+        result: Any = None
+        result_json: str | None = None
+        error: dict[str, Any] | None = None
+        try:
+            ctx = TaskContext(
+                task_id=req.task_id,
+                attempt=req.attempt,
+                spec=TaskSpec.model_validate_json(req.spec),
+                output_dir=Path(req.output_dir),
+                cancelled=cancelled,
+                log=logging.LoggerAdapter(log, {"task_id": req.task_id}),
+            )
+            result = executor.run(ctx)
+            try:
+                result_json = json.dumps(result)  # what cannot be stored fails here
+            except (TypeError, ValueError) as exc:
+                result, error = (
+                    None,
+                    failure(
+                        "bad_result",
+                        f"executor returned a result that is not JSON: {exc}",
+                        retryable=False,
+                    ),
+                )
+        except BaseException as exc:  # every failure goes back to the parent, typed
+            error = describe_failure(exc)
+        wrote = False
+        # A stopped attempt (timeout, cancel, superseded) is recorded by the worker, which
+        # knows why it stopped it; it must not overwrite the live attempt's outputs.
+        if not cancelled.is_set():
+            try:
+                write_outputs(
+                    req.output_dir,
+                    {
+                        "task_id": req.task_id,
+                        "attempt": req.attempt,
+                        "worker_id": req.worker_id,
+                        "task_type": req.task_type,
+                        "status": "FAILED" if error else "DONE",
+                        "started_at": started_at,
+                        "finished_at": time.time(),
+                        "elapsed_sec": time.monotonic() - t0,
+                        "result": result,
+                        "error": error,
+                    },
+                )
+                wrote = True
+            except Exception as exc:  # disk full, say: a fault of the worker, retried
+                error = failure("worker_error", f"writing outputs failed: {exc}")
+                result_json = None
+        cancels.pop(req.req_id, None)
+        replies.put(Reply(req.req_id, error is None, result_json, error, wrote))
+
+    def send_replies() -> None:
+        """Send every reply ready, as one message; health once per message."""
+        while True:
+            first = replies.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    more = replies.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    conn.send(("results", batch, safe_health()))
+                    return
+                batch.append(more)
+            conn.send(("results", batch, safe_health()))
+
+    sender = threading.Thread(target=send_replies, name="replies", daemon=True)
+    sender.start()
     with ThreadPoolExecutor(
         max_workers=cls.max_concurrency, thread_name_prefix=f"{executor_name}-task"
     ) as pool:
@@ -107,13 +196,15 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
                 # The worker is gone; nobody is left to take the results.
                 os._exit(0)
             if message[0] == "run":
-                _, req_id, payload = message
-                cancels[req_id] = threading.Event()
-                pool.submit(run_one, req_id, payload)
+                for req in message[1]:
+                    cancels[req.req_id] = threading.Event()
+                    pool.submit(run_one, req)
             elif message[0] == "cancel":
                 event = cancels.get(message[1])
                 if event is not None:
                     event.set()
             elif message[0] == "stop":
                 break
+    replies.put(None)
+    sender.join()
     executor.close()

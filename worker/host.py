@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from flowmesh.errors import failure
-from worker.child import child_main
+from worker.child import Reply, Request, child_main
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,12 @@ INTERRUPTED = failure(
 
 
 class ExecutorFailure(Exception):
-    """A task's attempt failed; `info` is the recorded error (kind, message, retryable)."""
+    """A task's attempt failed; `info` is the recorded error (kind, message, retryable).
+    `wrote`: the child already wrote this failure to responses.json."""
 
-    def __init__(self, info: dict[str, Any]):
+    def __init__(self, info: dict[str, Any], wrote: bool = False):
         self.info = info
+        self.wrote = wrote
         super().__init__(f"{info.get('kind')}: {info.get('message')}")
 
 
@@ -50,7 +52,12 @@ class ExecutorProcess:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        # Requests not yet sent: everything queued in one event-loop turn goes in one message.
+        self._outbox: list[Request] = []
+        # Set by the reader thread as soon as the pipe closes (the child is gone), so a
+        # new task never waits on a dead child; cheaper than waitpid per task.
+        self._eof = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Set when we kill the child on purpose: the error each request gets, by request id;
         # requests not named were bystanders and get INTERRUPTED (not the task's fault).
@@ -60,7 +67,7 @@ class ExecutorProcess:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and not self._eof
 
     async def ensure_started(self) -> None:
         if self._ready is not None and not self._ready.done():
@@ -76,6 +83,7 @@ class ExecutorProcess:
         self._ready = self._loop.create_future()
         self._exit_handled = asyncio.Event()
         self._kill_reasons = None
+        self._eof = False
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
             target=child_main,
@@ -92,21 +100,31 @@ class ExecutorProcess:
         log.info("executor %s: child process %s started", self.name, proc.pid)
         await self._ready
 
-    async def run(self, req_id: str, payload: dict[str, Any]) -> Any:
+    async def run(self, request: Request) -> Reply:
         """Run one task in the child; raises ExecutorFailure with the recorded error."""
         await self.ensure_started()
-        assert self._loop is not None and self._conn is not None
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[req_id] = future
+        assert self._loop is not None
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._pending[request.req_id] = future
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(request)
         try:
-            self._conn.send(("run", req_id, payload))
             return await future
         finally:
-            self._pending.pop(req_id, None)
+            self._pending.pop(request.req_id, None)
+
+    def _flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        if batch and self._conn is not None:
+            # A closed pipe means the child died: its exit handler fails these requests.
+            with contextlib.suppress(OSError):
+                self._conn.send(("run", batch))
 
     def cancel(self, req_id: str) -> None:
         """Ask the executor to stop (sets the task's `cancelled` event); it may not listen."""
         if self._conn is not None and req_id in self._pending:
+            self._flush()  # the request itself must reach the child before its cancel
             with contextlib.suppress(OSError):
                 self._conn.send(("cancel", req_id))
 
@@ -142,6 +160,8 @@ class ExecutorProcess:
             except (EOFError, OSError):
                 break
             loop.call_soon_threadsafe(self._on_message, message)
+        if self._conn is conn:
+            self._eof = True
         proc.join(5.0)
         loop.call_soon_threadsafe(self._on_exit, proc)
 
@@ -154,15 +174,17 @@ class ExecutorProcess:
         elif kind == "setup_failed":
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(ExecutorFailure(message[1]))
-        elif kind == "result":
-            _, req_id, ok, payload, health = message
+        elif kind == "results":
+            _, replies, health = message
             self.health = health
-            future = self._pending.get(req_id)
-            if future is not None and not future.done():
-                if ok:
-                    future.set_result(payload)
+            for reply in replies:
+                future = self._pending.get(reply.req_id)
+                if future is None or future.done():
+                    continue
+                if reply.ok:
+                    future.set_result(reply)
                 else:
-                    future.set_exception(ExecutorFailure(payload))
+                    future.set_exception(ExecutorFailure(reply.error or {}, wrote=reply.wrote))
 
     def _on_exit(self, proc: BaseProcess) -> None:
         if proc is not self._proc:
@@ -187,6 +209,7 @@ class ExecutorProcess:
         self._proc = None
         self._conn = None
         self._ready = None
+        self._outbox = []
         self.health = {}
         if self._exit_handled is not None:
             self._exit_handled.set()

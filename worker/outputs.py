@@ -1,4 +1,11 @@
-"""Per-task output files: `responses.json` and `manifest.json` under RESULTS_DIR/<task_id>/."""
+"""Per-task output files: `responses.json` and `manifest.json` under RESULTS_DIR/<task_id>/.
+
+Written by the executor child right after `run` returns (so the worker's event loop does
+no file I/O per task), and by the worker only when it overrides the child's record (a
+timeout, a crash). Both files are complete before the result is recorded in Redis, so a
+reader who sees DONE sees whole files; a crash part-way leaves the task unrecorded and
+its retry rewrites them.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +15,58 @@ import os
 from pathlib import Path
 from typing import Any
 
+RESPONSES = "responses.json"
+MANIFEST = "manifest.json"
 
-def _sha256(path: Path) -> str:
+
+def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
-def write_outputs(out_dir: Path, responses: dict[str, Any]) -> dict[str, Any]:
-    """Write responses.json, then a manifest of every file in the task directory."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "responses.json", responses)
+def _files(root: str, rel: str = "") -> list[tuple[str, str]]:
+    """Every file under `root` as (relative posix path, absolute path), sorted."""
+    out: list[tuple[str, str]] = []
+    with os.scandir(os.path.join(root, rel) if rel else root) as it:
+        for entry in it:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                out.extend(_files(root, name))
+            elif entry.is_file(follow_symlinks=False):
+                out.append((name, entry.path))
+    return sorted(out)
+
+
+def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, Any]:
+    """Write responses.json, then a manifest (path, size, sha256) of every file in the
+    task directory. responses.json is hashed from the bytes in hand, not read back."""
+    root = os.fspath(out_dir)
+    os.makedirs(root, exist_ok=True)
+    data = json.dumps(responses, indent=2, ensure_ascii=False).encode()
+    _write(os.path.join(root, RESPONSES), data)
     files = []
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(out_dir).as_posix()
-        if rel == "manifest.json" or rel.endswith(".tmp"):
+    for rel, path in _files(root):
+        if rel == MANIFEST:
             continue
-        files.append({"path": rel, "size": path.stat().st_size, "sha256": _sha256(path)})
+        if rel == RESPONSES:
+            files.append(
+                {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+        else:
+            files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path)})
     manifest = {"task_id": responses["task_id"], "attempt": responses["attempt"], "files": files}
-    _write_atomic(out_dir / "manifest.json", manifest)
+    _write(os.path.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest

@@ -21,10 +21,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from flowmesh import __version__
+from flowmesh.batch import GroupCommit
 from flowmesh.errors import failure
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.status import TaskStatus, WorkerStatus
-from flowmesh.store import Delivery, Outcome, TaskStore
+from flowmesh.store import Delivery, Ending, Outcome, TaskStore
+from worker.child import Request
 from worker.hardware import Hardware, Nvml, detect, sample_load
 from worker.host import ExecutorFailure, ExecutorHost
 from worker.outputs import write_outputs
@@ -45,7 +47,7 @@ class Running:
 
     @property
     def task_type(self) -> str:
-        return str(self.delivery.spec["spec"]["taskType"])
+        return self.delivery.task_type
 
 
 class Worker:
@@ -69,6 +71,8 @@ class Worker:
         self._reread = False
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every attempt that ends while a settle is in flight goes in the next one.
+        self._settler = GroupCommit(self._settle_batch)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -347,6 +351,7 @@ class Worker:
             if start_id != ">" and not entries:
                 start_id = ">"
                 continue
+            batch: list[Delivery] = []
             for stream_id, fields in entries:
                 if not fields:
                     continue  # acked meanwhile
@@ -355,18 +360,46 @@ class Worker:
                     # superseded, say): come back to this entry when it has.
                     self._reread = True
                     continue
-                delivery = Delivery(
-                    stream_id=stream_id,
-                    task_id=fields["task_id"],
-                    attempt=int(fields["attempt"]),
-                    spec=json.loads(fields["spec"]),
-                )
+                delivery = Delivery.from_entry(stream_id, fields)
                 self.running[delivery.task_id] = Running(delivery)
-                task = asyncio.create_task(self._handle(delivery), name=delivery.task_id)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                batch.append(delivery)
             if start_id != ">" and entries:
                 start_id = entries[-1][0]
+            if batch:
+                await self._start(batch)
+
+    async def _start(self, batch: list[Delivery]) -> None:
+        """Mark a batch of deliveries RUNNING (one script call), then run each one."""
+        try:
+            outcomes = await self.store.start(self.id, [(d.task_id, d.attempt) for d in batch])
+        except (RedisError, OSError) as exc:
+            # Not started: the entries stay pending and are read again once Redis answers.
+            log.warning("cannot start %d task(s) (%s); will read them again", len(batch), exc)
+            for d in batch:
+                self.running.pop(d.task_id, None)
+            self._reread = True
+            self._slot_freed.set()
+            await asyncio.sleep(0.2)
+            return
+        dropped: list[Delivery] = []
+        for delivery, started in zip(batch, outcomes, strict=True):
+            if not started.ok:
+                log.warning(
+                    "task %s attempt %d dropped: %s",
+                    delivery.task_id,
+                    delivery.attempt,
+                    started.reason,
+                )
+                self.running.pop(delivery.task_id, None)
+                dropped.append(delivery)
+                continue
+            task = asyncio.create_task(self._handle(delivery), name=delivery.task_id)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if dropped:
+            self._slot_freed.set()
+            with contextlib.suppress(RedisError, OSError):  # else re-read and dropped again
+                await self.conn.xack(self.inbox, INBOX_GROUP, *(d.stream_id for d in dropped))
 
     async def _drain(self) -> None:
         """Let running tasks finish within the drain timeout; hand back the rest."""
@@ -400,49 +433,45 @@ class Worker:
     # -- one task ----------------------------------------------------------------
     async def _handle(self, delivery: Delivery) -> None:
         task_id, attempt = delivery.task_id, delivery.attempt
+        r = self.running[task_id]
         try:
-            started = await self.store.start(task_id, attempt, self.id)
-        except (RedisError, OSError) as exc:
-            # Not started: the entry stays pending and is read again once Redis answers.
-            log.warning("task %s attempt %d: cannot start (%s)", task_id, attempt, exc)
-            self.running.pop(task_id, None)
-            self._reread = True
-            self._slot_freed.set()
-            return
-        try:
-            if not started.ok:
-                log.warning("task %s attempt %d dropped: %s", task_id, attempt, started.reason)
-                await self.conn.xack(self.inbox, INBOX_GROUP, delivery.stream_id)
-                return
-            await self._execute(self.running[task_id])
+            await self._execute(r)
         except Exception as exc:
             # A fault of the worker itself (disk full writing outputs, a bug): record it
             # like a crash so the task is retried rather than left RUNNING here.
             log.exception("task %s attempt %d: worker error", task_id, attempt)
-            await self._settle_worker_error(self.running[task_id], exc)
+            try:
+                await self._record(
+                    r,
+                    TaskStatus.FAILED,
+                    error=failure("worker_error", f"{type(exc).__name__}: {exc}"),
+                )
+            except Exception:
+                log.exception("task %s: could not record the worker error", task_id)
+                self._reread = True
         finally:
             self.running.pop(task_id, None)
             self._slot_freed.set()
 
     async def _execute(self, r: Running) -> None:
         delivery = r.delivery
-        task_id, attempt, task_type = delivery.task_id, delivery.attempt, r.task_type
+        task_id, attempt, task_type = delivery.task_id, delivery.attempt, delivery.task_type
         out_dir = self.settings.results_dir / task_id
         t0 = time.monotonic()
         started_at = time.time()
-        result: Any = None
+        result_json = ""
         error: dict[str, Any] | None = None
+        wrote = False  # the child wrote responses.json for this outcome
         proc = self.host.procs.get(task_type)
-        timeout = delivery.spec["spec"].get("timeoutSec")
         timer = None
-        if timeout:
+        if delivery.timeout:
             timer = asyncio.get_running_loop().call_later(
-                float(timeout),
+                delivery.timeout,
                 self._stop_soon,
                 r,
-                failure("timeout", f"ran past timeoutSec={timeout:g}"),
+                failure("timeout", f"ran past timeoutSec={delivery.timeout:g}"),
             )
-        log.info("→ task %s attempt %d %s started", task_id, attempt, task_type)
+        log.debug("→ task %s attempt %d %s started", task_id, attempt, task_type)
         try:
             if proc is None:
                 raise ExecutorFailure(
@@ -452,34 +481,30 @@ class Worker:
                         retryable=False,
                     )
                 )
-            payload = {
-                "task_id": task_id,
-                "attempt": attempt,
-                "spec": delivery.spec,
-                "output_dir": str(out_dir),
-            }
-            result = await proc.run(r.req_id, payload)
-            json.dumps(result)  # what cannot be stored must fail here, not in Redis
-        except ExecutorFailure as exc:
-            error = exc.info
-        except (TypeError, ValueError) as exc:
-            error = failure(
-                "bad_result", f"executor returned a result that is not JSON: {exc}", retryable=False
+            reply = await proc.run(
+                Request(
+                    req_id=r.req_id,
+                    task_id=task_id,
+                    attempt=attempt,
+                    spec=delivery.spec,
+                    output_dir=str(out_dir),
+                    worker_id=self.id,
+                    task_type=task_type,
+                )
             )
+            result_json, wrote = reply.result_json or "", reply.wrote
+        except ExecutorFailure as exc:
+            error, wrote = exc.info, exc.wrote
         finally:
             if timer is not None:
                 timer.cancel()
         if r.stop_info is not None:
-            error, result = r.stop_info, None  # whatever the executor made of being stopped
+            # Whatever the executor made of being stopped, the reason we stopped it stands.
+            error, result_json, wrote = r.stop_info, "", False
         status = TaskStatus.FAILED if error else TaskStatus.DONE
         elapsed = time.monotonic() - t0
         # A cancelled or superseded attempt must not overwrite the outputs of the live one.
-        if error is None or error.get("kind") not in (
-            "superseded",
-            "cancelled",
-            "handed_back",
-            "interrupted",
-        ):
+        if not wrote and (error is None or error.get("kind") not in NO_OUTPUTS):
             responses = {
                 "task_id": task_id,
                 "attempt": attempt,
@@ -489,7 +514,7 @@ class Worker:
                 "started_at": started_at,
                 "finished_at": time.time(),
                 "elapsed_sec": elapsed,
-                "result": result,
+                "result": json.loads(result_json) if result_json else None,
                 "error": error,
             }
             await asyncio.to_thread(write_outputs, out_dir, responses)
@@ -498,10 +523,10 @@ class Worker:
         if pause:
             log.warning("failpoint before_settle: task %s pausing %gs", task_id, pause)
             await asyncio.sleep(pause)
-        recorded = await self._settle(
+        recorded = await self._record(
             r,
             status,
-            result=result,
+            result_json=result_json,
             error=error,
             charge=not uncharged,
             immediate=uncharged,
@@ -523,35 +548,30 @@ class Worker:
         else:
             log.info("✓ task %s attempt %d %s done in %.3fs", task_id, attempt, task_type, elapsed)
 
-    async def _settle_worker_error(self, r: Running, exc: Exception) -> None:
-        try:
-            await self._settle(
-                r, TaskStatus.FAILED, error=failure("worker_error", f"{type(exc).__name__}: {exc}")
-            )
-        except Exception:
-            log.exception("task %s: could not record the worker error", r.delivery.task_id)
-            self._reread = True
+    async def _record(self, r: Running, status: TaskStatus, **kwargs: Any) -> Outcome:
+        """Record the attempt's end through the settle batcher (one script call for every
+        attempt that ended meanwhile); it retries through a Redis outage."""
+        ending = Ending(
+            r.delivery.task_id,
+            r.delivery.attempt,
+            status,
+            stream_id=r.delivery.stream_id,
+            **kwargs,
+        )
+        return await self._settler.submit(ending)
 
-    async def _settle(self, r: Running, status: TaskStatus, **kwargs: Any) -> Outcome:
-        """Record the attempt's end, retrying through a Redis outage (the result is in hand)."""
+    async def _settle_batch(self, endings: list[Ending]) -> list[Outcome]:
+        """Record a batch of endings, retrying through a Redis outage (results in hand)."""
         delay, deadline = 0.2, time.monotonic() + 600
         while True:
             try:
-                return await self.store.settle(
-                    r.delivery.task_id,
-                    r.delivery.attempt,
-                    self.id,
-                    outcome=status,
-                    inbox=self.inbox,
-                    stream_id=r.delivery.stream_id,
-                    **kwargs,
-                )
+                return await self.store.settle_many(self.id, endings, inbox=self.inbox)
             except (RedisError, OSError) as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning(
-                    "task %s: recording the outcome failed (%s); retrying in %.1fs",
-                    r.delivery.task_id,
+                    "recording %d outcome(s) failed (%s); retrying in %.1fs",
+                    len(endings),
                     exc,
                     delay,
                 )
@@ -559,4 +579,6 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
 
+# Stopped attempts whose outputs belong to another attempt, or to nobody.
+NO_OUTPUTS = frozenset({"superseded", "cancelled", "handed_back", "interrupted"})
 HANDED_BACK = failure("handed_back", "worker stopping: handed back", charge=False)
