@@ -16,7 +16,6 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
 
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.spec import Requirements, TaskSpec
@@ -111,6 +110,7 @@ class TaskStore:
     def __init__(self, conn: aioredis.Redis, keys: Keys):
         self.conn = conn
         self.keys = keys
+        self._submit = conn.register_script(_script("submit"))
         self._dispatch = conn.register_script(_script("dispatch"))
         self._start = conn.register_script(_script("start"))
         self._settle = conn.register_script(_script("settle"))
@@ -121,66 +121,52 @@ class TaskStore:
     async def submit(
         self, specs: list[TaskSpec], idempotency_key: str | None = None, ttl: int = 86_400
     ) -> tuple[list[NewTask], list[str] | None]:
-        """Store a batch of PENDING tasks all at once, or none of them.
+        """Store a batch of PENDING tasks all at once, or none of them: one script call.
 
         With an idempotency key seen before, nothing is stored and the ids created the
         first time are returned instead (second element); otherwise that is None.
         """
         if not specs:
             return [], None
-        last = await self.conn.incrby(self.keys.task_seq, len(specs))
-        now = f"{time.time():.6f}"
-        tasks = [
-            NewTask(uuid.uuid4().hex, last - len(specs) + 1 + i, spec, Requirements.of(spec.spec))
-            for i, spec in enumerate(specs)
+        k = self.keys
+        ids = [uuid.uuid4().hex for _ in specs]
+        requirements = [Requirements.of(spec.spec) for spec in specs]
+        args: list[Any] = [
+            f"{time.time():.6f}",
+            ttl,
+            json.dumps(ids) if idempotency_key else "",
         ]
-        idem = self.keys.idempotency(idempotency_key) if idempotency_key else None
-        async with self.conn.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    if idem is not None:
-                        await pipe.watch(idem)
-                        existing = await pipe.get(idem)
-                        if existing is not None:
-                            await pipe.reset()
-                            return [], list(json.loads(existing))
-                    pipe.multi()
-                    self._queue_new(pipe, tasks, now)
-                    if idem is not None:
-                        pipe.set(idem, json.dumps([t.task_id for t in tasks]), ex=ttl)
-                    await pipe.execute()
-                    return tasks, None
-                except WatchError:
-                    continue  # another request with the same key won the race: read its ids
-
-    def _queue_new(self, pipe: Any, tasks: list[NewTask], now: str) -> None:
-        pending = self.keys.tasks_by_status(TaskStatus.PENDING)
-        for t in tasks:
-            body = t.spec.spec
-            pipe.hset(
-                self.keys.task(t.task_id),
-                mapping={
-                    "task_id": t.task_id,
-                    "name": t.spec.metadata.name or "",
-                    "task_type": body.taskType,
-                    "status": TaskStatus.PENDING.value,
-                    "priority": body.priority,
-                    "seq": t.seq,
-                    "attempts": 0,
-                    "failures": 0,
-                    "max_attempts": body.maxAttempts,
-                    "retry_backoff": body.retryBackoffSec,
-                    "timeout_sec": body.timeoutSec or "",
-                    "spec": t.spec.model_dump_json(),
-                    "requirements": t.requirements.model_dump_json(),
-                    "history": "[]",
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            pipe.zadd(self.keys.tasks_all, {t.task_id: t.seq})
-            pipe.zadd(pending, {t.task_id: t.seq})
-            pipe.zadd(self.keys.pending_queue, {t.task_id: t.score})
+        for task_id, spec, req in zip(ids, specs, requirements, strict=True):
+            body = spec.spec
+            args += [
+                task_id,
+                spec.metadata.name or "",
+                body.taskType,
+                body.priority,
+                body.maxAttempts,
+                body.retryBackoffSec,
+                body.timeoutSec or "",
+                spec.model_dump_json(),
+                req.model_dump_json(),
+            ]
+        stored, value = await self._submit(
+            keys=[
+                k.task_seq,
+                k.tasks_all,
+                k.tasks_by_status(TaskStatus.PENDING),
+                k.pending_queue,
+                k.idempotency(idempotency_key or ""),
+                *(k.task(t) for t in ids),
+            ],
+            args=args,
+        )
+        if not stored:
+            return [], list(json.loads(value))
+        first = int(value)
+        return [
+            NewTask(task_id, first + i, spec, req)
+            for i, (task_id, spec, req) in enumerate(zip(ids, specs, requirements, strict=True))
+        ], None
 
     # -- read --------------------------------------------------------------------
     async def get(self, task_id: str) -> dict[str, Any] | None:
@@ -264,35 +250,31 @@ class TaskStore:
 
     # -- orchestrator: place -----------------------------------------------------
     async def dispatch(self, placements: list[tuple[str, str, str]]) -> list[Outcome]:
-        """Place (task_id, worker_id, inbox) triples, each atomically: one script call per
-        worker, all in one round trip. Outcomes come back in the order given."""
+        """Place (task_id, worker_id, inbox) triples, each atomically, in one script call.
+        Outcomes come back in the order given."""
+        if not placements:
+            return []
         k = self.keys
-        now = f"{time.time():.6f}"
         by_worker: dict[tuple[str, str], list[int]] = {}
         for i, (_, worker_id, inbox) in enumerate(placements):
             by_worker.setdefault((worker_id, inbox), []).append(i)
-        async with self.conn.pipeline(transaction=False) as pipe:
-            for (worker_id, inbox), indexes in by_worker.items():
-                ids = [placements[i][0] for i in indexes]
-                await self._dispatch(
-                    keys=[
-                        k.pending_queue,
-                        k.tasks_by_status(TaskStatus.PENDING),
-                        k.tasks_by_status(TaskStatus.DISPATCHED),
-                        k.worker(worker_id),
-                        k.heartbeat(worker_id),
-                        k.worker_tasks(worker_id),
-                        inbox,
-                        *(k.task(t) for t in ids),
-                    ],
-                    args=[worker_id, now, *ids],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        keys = [
+            k.pending_queue,
+            k.tasks_by_status(TaskStatus.PENDING),
+            k.tasks_by_status(TaskStatus.DISPATCHED),
+        ]
+        args: list[Any] = [f"{time.time():.6f}"]
+        order: list[int] = []
+        for (worker_id, inbox), indexes in by_worker.items():
+            ids = [placements[i][0] for i in indexes]
+            keys += [k.worker(worker_id), k.heartbeat(worker_id), k.worker_tasks(worker_id), inbox]
+            keys += [k.task(t) for t in ids]
+            args += [worker_id, len(ids), *ids]
+            order += indexes
+        reply = await self._dispatch(keys=keys, args=args)
         out: list[Outcome] = [Outcome(False)] * len(placements)
-        for indexes, reply in zip(by_worker.values(), replies, strict=True):
-            for i, r in zip(indexes, reply, strict=True):
-                out[i] = Outcome(True) if isinstance(r, int) else Outcome(False, str(r))
+        for i, r in zip(order, reply, strict=True):
+            out[i] = Outcome(True) if isinstance(r, int) else Outcome(False, str(r))
         return out
 
     # -- worker: run -------------------------------------------------------------

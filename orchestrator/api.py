@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -117,6 +119,9 @@ async def submit_tasks(request: Request) -> Any:
     }
 
 
+MAX_WAIT_SEC = 60.0
+
+
 def _live_reason(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
     if task["status"] == TaskStatus.PENDING.value:
         entry = f.scheduler.pending.get(task["task_id"])
@@ -127,12 +132,29 @@ def _live_reason(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/tasks/{task_id}", summary="One task: status, attempts, worker, result, error")
-async def get_task(task_id: str, request: Request) -> Any:
+async def get_task(
+    task_id: str,
+    request: Request,
+    wait: float = Query(
+        0,
+        ge=0,
+        le=MAX_WAIT_SEC,
+        description="Long poll: hold the request up to this many seconds until the task "
+        "has ended (DONE, FAILED or CANCELLED); the reply is its state either way.",
+    ),
+) -> Any:
     f = fleet(request)
-    task = await f.store.get(task_id)
-    if task is None:
-        raise HTTPException(404, f"no task with id {task_id!r}")
-    return _live_reason(f, task)
+    deadline = time.monotonic() + wait
+    while True:
+        with f.watch(task_id) as ended:
+            task = await f.store.get(task_id)
+            if task is None:
+                raise HTTPException(404, f"no task with id {task_id!r}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or TaskStatus(task["status"]).terminal:
+                return _live_reason(f, task)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended, min(remaining, 0.5))
 
 
 @router.get("/tasks/{task_id}/result", summary="The executor's output of a finished task")

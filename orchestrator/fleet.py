@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -56,6 +57,8 @@ class Fleet:
         self._last_refresh = 0.0
         self._reasons: dict[Requirements, str] = {}
         self._loops: list[asyncio.Task[None]] = []
+        # Long-poll readers of a task (GET ?wait=), woken when its end event arrives.
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -344,18 +347,42 @@ class Fleet:
             kind = fields.get("type", "")
             if kind == "task.finished":
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
+                self._notify(fields["task_id"])
                 self.wake()
             elif kind == "task.retry":
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 requeued.append(fields["task_id"])
             elif kind == "task.cancelled":
                 self.scheduler.discard_pending(fields["task_id"])
+                self._notify(fields["task_id"])
             elif kind in ("worker.registered", "worker.stopped", "worker.lost", "task.stale"):
                 self.wake(refresh=True)
         if requeued:
             await self._enqueue(requeued)
             self.wake()
         await self.conn.xack(self.keys.events, EVENTS_GROUP, *[i for i, _ in entries])
+
+    # -- long poll ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def watch(self, task_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future set when `task_id`'s end event (finished or cancelled) arrives here.
+        Watch before reading the task's state, so an end in between is not missed. Only
+        one orchestrator replica sees each event: a watcher should re-read its task now
+        and then (GET ?wait= does every half second)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(task_id, [])
+        waiters.append(future)
+        try:
+            yield future
+        finally:
+            waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(task_id, None)
+
+    def _notify(self, task_id: str) -> None:
+        for future in self._waiters.get(task_id, ()):
+            if not future.done():
+                future.set_result(None)
 
     def _longest_lease(self, intervals: list[float] | None = None) -> float:
         """The longest lease among registered workers (0 with none: nobody to protect)."""

@@ -6,10 +6,10 @@ and a sender thread returns their results. Both directions carry batches: every
 request the worker had ready in one message, every result finished meanwhile in
 one reply, so a busy worker pays one pipe round trip for many tasks.
 
-The child also writes each task's `responses.json` and `manifest.json` (in the
-task's thread, right after `run`), so the worker's event loop does no file I/O
-per task. When the worker dies the pipe closes, the read fails, and the child
-exits, so no orphan keeps a GPU busy.
+The child also writes each task's `responses.json` and `manifest.json` (in its
+finisher thread, right after `run`, before the result goes back), so the worker's
+event loop does no file I/O per task. When the worker dies the pipe closes, the read
+fails, and the child exits, so no orphan keeps a GPU busy.
 """
 
 from __future__ import annotations
@@ -60,6 +60,17 @@ class Reply:
     wrote: bool
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A task whose `run` returned, waiting for its outputs to be written."""
+
+    request: Request
+    cancelled: threading.Event
+    responses: dict[str, Any]
+    result_json: str | None
+    error: dict[str, Any] | None
+
+
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """An exception as the worker records it: kind, message, whether a retry can help."""
     if isinstance(exc, ExecutorError):
@@ -107,10 +118,10 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
     conn.send(("ready", safe_health()))
 
     cancels: dict[str, threading.Event] = {}
-    replies: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
+    finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
 
     def run_one(req: Request) -> None:
-        """Run one task and always answer, whatever fails (the parent waits for the reply)."""
+        """Run one task and always hand it to the finisher, whatever fails."""
         cancelled = cancels[req.req_id]
         started_at, t0 = time.time(), time.monotonic()
         result: Any = None
@@ -139,52 +150,58 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
                 )
         except BaseException as exc:  # every failure goes back to the parent, typed
             error = describe_failure(exc)
+        responses = {
+            "task_id": req.task_id,
+            "attempt": req.attempt,
+            "worker_id": req.worker_id,
+            "task_type": req.task_type,
+            "status": "FAILED" if error else "DONE",
+            "started_at": started_at,
+            "finished_at": time.time(),
+            "elapsed_sec": time.monotonic() - t0,
+            "result": result,
+            "error": error,
+        }
+        finished.put(Finished(req, cancelled, responses, result_json, error))
+
+    def finish(done: Finished) -> Reply:
         wrote = False
+        result_json, error = done.result_json, done.error
         # A stopped attempt (timeout, cancel, superseded) is recorded by the worker, which
         # knows why it stopped it; it must not overwrite the live attempt's outputs.
-        if not cancelled.is_set():
+        if not done.cancelled.is_set():
             try:
-                write_outputs(
-                    req.output_dir,
-                    {
-                        "task_id": req.task_id,
-                        "attempt": req.attempt,
-                        "worker_id": req.worker_id,
-                        "task_type": req.task_type,
-                        "status": "FAILED" if error else "DONE",
-                        "started_at": started_at,
-                        "finished_at": time.time(),
-                        "elapsed_sec": time.monotonic() - t0,
-                        "result": result,
-                        "error": error,
-                    },
-                )
+                write_outputs(done.request.output_dir, done.responses)
                 wrote = True
             except Exception as exc:  # disk full, say: a fault of the worker, retried
                 error = failure("worker_error", f"writing outputs failed: {exc}")
                 result_json = None
-        cancels.pop(req.req_id, None)
-        replies.put(Reply(req.req_id, error is None, result_json, error, wrote))
+        cancels.pop(done.request.req_id, None)
+        return Reply(done.request.req_id, error is None, result_json, error, wrote)
 
-    def send_replies() -> None:
-        """Send every reply ready, as one message; health once per message."""
+    def finisher() -> None:
+        """Write the outputs of every task finished meanwhile, one after another (file
+        creation in one directory from many threads at once costs the kernel twice as
+        much), then send all their replies as one message, with health once."""
         while True:
-            first = replies.get()
+            first = finished.get()
             if first is None:
                 return
-            batch = [first]
-            while True:
+            batch, stop = [first], False
+            while len(batch) < 256:
                 try:
-                    more = replies.get_nowait()
+                    more = finished.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
-                    conn.send(("results", batch, safe_health()))
-                    return
+                    stop = True
+                    break
                 batch.append(more)
-            conn.send(("results", batch, safe_health()))
+            conn.send(("results", [finish(done) for done in batch], safe_health()))
+            if stop:
+                return
 
-    sender = threading.Thread(target=send_replies, name="replies", daemon=True)
+    sender = threading.Thread(target=finisher, name="finisher", daemon=True)
     sender.start()
     with ThreadPoolExecutor(
         max_workers=cls.max_concurrency, thread_name_prefix=f"{executor_name}-task"
@@ -205,6 +222,6 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
                     event.set()
             elif message[0] == "stop":
                 break
-    replies.put(None)
+    finished.put(None)
     sender.join()
     executor.close()

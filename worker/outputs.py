@@ -54,11 +54,18 @@ def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, A
     """Write responses.json, then a manifest (path, size, sha256) of every file in the
     task directory. responses.json is hashed from the bytes in hand, not read back."""
     root = os.fspath(out_dir)
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.mkdir(root)
+        fresh = True  # made just now: the executor wrote nothing, nothing to list
+    except FileExistsError:
+        fresh = False
+    except FileNotFoundError:
+        os.makedirs(root, exist_ok=True)  # RESULTS_DIR itself is new
+        fresh = False
     data = json.dumps(responses, indent=2, ensure_ascii=False).encode()
     _write(os.path.join(root, RESPONSES), data)
     files = []
-    for rel, path in _files(root):
+    for rel, path in [(RESPONSES, "")] if fresh else _files(root):
         if rel == MANIFEST:
             continue
         if rel == RESPONSES:

@@ -13,7 +13,7 @@ from executors.base import Executor, TaskContext
 
 class BenchNoop(Executor):
     name = "bench_noop"
-    max_concurrency = 64
+    max_concurrency = 1
 
     def setup(self) -> None:
         self.redis = redis.Redis.from_url(os.environ["FLOWMESH_BENCH_REDIS_URL"])

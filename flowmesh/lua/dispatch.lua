@@ -1,42 +1,49 @@
--- Place PENDING tasks on one worker: the one atomic step from queue to inbox, for a batch.
--- KEYS: 1 pending queue, 2 status:PENDING, 3 status:DISPATCHED, 4 worker hash,
---       5 worker heartbeat, 6 worker's task set, 7 worker inbox stream, 8.. task hashes
--- ARGV: 1 worker id, 2 now (epoch seconds), 3.. task ids (one per task hash)
--- Returns, per task, its attempt number (placed) or the reason it was not placed.
-local n = #KEYS - 7
+-- Place PENDING tasks on workers: the one atomic step from queue to inbox, for a batch.
+-- KEYS: 1 pending queue, 2 status:PENDING, 3 status:DISPATCHED, then per worker:
+--       its hash, heartbeat, task set and inbox stream, followed by its tasks' hashes
+-- ARGV: 1 now (epoch seconds), then per worker: worker id, task count, task ids
+-- Returns, per task in order, its attempt number (placed) or the reason it was not.
 local out = {}
-local refuse = nil
-if redis.call('EXISTS', KEYS[5]) == 0 then
-  refuse = 'worker heartbeat expired'
-else
-  local wstatus = redis.call('HGET', KEYS[4], 'status')
-  if wstatus ~= 'idle' and wstatus ~= 'busy' then
-    refuse = 'worker is ' .. tostring(wstatus)
-  end
-end
-local free = tonumber(redis.call('HGET', KEYS[4], 'slots') or '0') - redis.call('SCARD', KEYS[6])
-for i = 1, n do
-  local key, id = KEYS[7 + i], ARGV[2 + i]
-  local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec')
-  if t[1] ~= 'PENDING' then
-    out[i] = 'task is ' .. tostring(t[1])
-  elseif refuse then
-    out[i] = refuse
-  elseif free <= 0 then
-    out[i] = 'worker has no free slot'
+local k, a = 4, 2
+while a <= #ARGV do
+  local worker, count = ARGV[a], tonumber(ARGV[a + 1])
+  local whash, beat, tasks, inbox = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local refuse = nil
+  if redis.call('EXISTS', beat) == 0 then
+    refuse = 'worker heartbeat expired'
   else
-    free = free - 1
-    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-    local sid = redis.call('XADD', KEYS[7], '*', 'task_id', id, 'attempt', attempt,
-      'task_type', t[4] or '', 'timeout_sec', t[5] or '', 'spec', t[2])
-    redis.call('HSET', key, 'status', 'DISPATCHED', 'worker_id', ARGV[1], 'inbox', KEYS[7],
-      'stream_id', sid, 'dispatched_at', ARGV[2], 'updated_at', ARGV[2], 'reason', '')
-    redis.call('HDEL', key, 'started_at', 'retry_at')
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('ZADD', KEYS[3], t[3], id)
-    redis.call('SADD', KEYS[6], id)
-    out[i] = attempt
+    local wstatus = redis.call('HGET', whash, 'status')
+    if wstatus ~= 'idle' and wstatus ~= 'busy' then
+      refuse = 'worker is ' .. tostring(wstatus)
+    end
   end
+  local free = tonumber(redis.call('HGET', whash, 'slots') or '0') - redis.call('SCARD', tasks)
+  for i = 1, count do
+    local key, id = KEYS[k + 3 + i], ARGV[a + 1 + i]
+    local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec')
+    local result
+    if t[1] ~= 'PENDING' then
+      result = 'task is ' .. tostring(t[1])
+    elseif refuse then
+      result = refuse
+    elseif free <= 0 then
+      result = 'worker has no free slot'
+    else
+      free = free - 1
+      result = redis.call('HINCRBY', key, 'attempts', 1)
+      local sid = redis.call('XADD', inbox, '*', 'task_id', id, 'attempt', result,
+        'task_type', t[4] or '', 'timeout_sec', t[5] or '', 'spec', t[2])
+      redis.call('HSET', key, 'status', 'DISPATCHED', 'worker_id', worker, 'inbox', inbox,
+        'stream_id', sid, 'dispatched_at', ARGV[1], 'updated_at', ARGV[1], 'reason', '')
+      redis.call('HDEL', key, 'started_at', 'retry_at')
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('ZADD', KEYS[3], t[3], id)
+      redis.call('SADD', tasks, id)
+    end
+    out[#out + 1] = result
+  end
+  k = k + 4 + count
+  a = a + 2 + count
 end
 return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -204,3 +205,42 @@ def test_bad_worker_setting_is_named(redis_url):
     r = run_cli(["worker.main"], {"REDIS_URL": redis_url, "HEARTBEAT_INTERVAL_SEC": "soon"})
     assert r.returncode == 2
     assert "HEARTBEAT_INTERVAL_SEC must be a number" in r.stderr
+
+
+def test_long_poll_returns_when_the_task_ends_not_before(orchestrator, start_worker):
+    start_worker("w1")
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo", "echo": {"delaySec": 0.6}}})
+    t0 = time.monotonic()
+    r = orchestrator.http.get(f"/api/v1/tasks/{task_id}", params={"wait": 20})
+    waited = time.monotonic() - t0
+    assert r.status_code == 200
+    assert r.json()["status"] == "DONE"
+    assert 0.3 < waited < 10, waited  # held until it ended, far short of the 20 s asked
+
+
+def test_long_poll_times_out_with_the_current_state(orchestrator, start_worker):
+    start_worker("w1")
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo", "echo": {"delaySec": 30}}})
+    orchestrator.wait(task_id, ("RUNNING",))
+    t0 = time.monotonic()
+    r = orchestrator.http.get(f"/api/v1/tasks/{task_id}", params={"wait": 1.2})
+    assert r.status_code == 200
+    assert r.json()["status"] == "RUNNING"
+    assert time.monotonic() - t0 >= 1.1
+
+
+def test_long_poll_on_a_cancelled_task_returns_at_once(orchestrator):
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo"}})  # no worker: stays PENDING
+    assert orchestrator.http.post(f"/api/v1/tasks/{task_id}/cancel").status_code == 200
+    t0 = time.monotonic()
+    r = orchestrator.http.get(f"/api/v1/tasks/{task_id}", params={"wait": 20})
+    assert r.json()["status"] == "CANCELLED"
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+def test_long_poll_wait_out_of_range_is_422(orchestrator, wait):
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "echo"}})
+    r = orchestrator.http.get(f"/api/v1/tasks/{task_id}", params={"wait": wait})
+    assert r.status_code == 422
+    assert "wait" in r.text
