@@ -134,7 +134,8 @@ def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
         "total_sec": t_done - t0,
         "throughput": n / (t_done - t0),
         "settings": (
-            f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child"
+            f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child "
+            "(max_concurrency 1, the default); responses.json + manifest.json per task on disk"
         ),
     }
 
