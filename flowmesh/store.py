@@ -131,24 +131,28 @@ class TaskStore:
         k = self.keys
         ids = [uuid.uuid4().hex for _ in specs]
         requirements = [Requirements.of(spec.spec) for spec in specs]
-        args: list[Any] = [
+        rows = []
+        for task_id, spec, req in zip(ids, specs, requirements, strict=True):
+            body = spec.spec
+            rows.append(
+                [
+                    task_id,
+                    spec.metadata.name or "",
+                    body.taskType,
+                    str(body.priority),
+                    str(body.maxAttempts),
+                    repr(body.retryBackoffSec),
+                    repr(body.timeoutSec) if body.timeoutSec else "",
+                    spec.model_dump_json(),
+                    req.model_dump_json(),
+                ]
+            )
+        args = [
             f"{time.time():.6f}",
             ttl,
             json.dumps(ids) if idempotency_key else "",
+            json.dumps(rows, ensure_ascii=False),
         ]
-        for task_id, spec, req in zip(ids, specs, requirements, strict=True):
-            body = spec.spec
-            args += [
-                task_id,
-                spec.metadata.name or "",
-                body.taskType,
-                body.priority,
-                body.maxAttempts,
-                body.retryBackoffSec,
-                body.timeoutSec or "",
-                spec.model_dump_json(),
-                req.model_dump_json(),
-            ]
         stored, value = await self._submit(
             keys=[
                 k.task_seq,
@@ -263,15 +267,15 @@ class TaskStore:
             k.tasks_by_status(TaskStatus.PENDING),
             k.tasks_by_status(TaskStatus.DISPATCHED),
         ]
-        args: list[Any] = [f"{time.time():.6f}"]
+        groups: list[tuple[str, list[str]]] = []
         order: list[int] = []
         for (worker_id, inbox), indexes in by_worker.items():
             ids = [placements[i][0] for i in indexes]
             keys += [k.worker(worker_id), k.heartbeat(worker_id), k.worker_tasks(worker_id), inbox]
             keys += [k.task(t) for t in ids]
-            args += [worker_id, len(ids), *ids]
+            groups.append((worker_id, ids))
             order += indexes
-        reply = await self._dispatch(keys=keys, args=args)
+        reply = await self._dispatch(keys=keys, args=[f"{time.time():.6f}", json.dumps(groups)])
         out: list[Outcome] = [Outcome(False)] * len(placements)
         for i, r in zip(order, reply, strict=True):
             out[i] = Outcome(True) if isinstance(r, int) else Outcome(False, str(r))
@@ -293,7 +297,7 @@ class TaskStore:
                 worker_id,
                 f"{time.time():.6f}",
                 EVENTS_MAXLEN,
-                *(x for t, a in attempts for x in (t, a)),
+                json.dumps([(t, str(a)) for t, a in attempts]),
             ],
         )
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
@@ -334,23 +338,32 @@ class TaskStore:
         """End several attempts of `worker_id` in one script call, each atomically, and
         ack their entries in `inbox`."""
         k = self.keys
-        args: list[Any] = [worker_id, f"{time.time():.6f}", INBOX_GROUP, EVENTS_MAXLEN]
+        rows = []
         for e in endings:
             error = e.error or {}
-            args += [
-                e.task_id,
-                e.attempt,
-                e.outcome.value,
-                e.result_json,
-                json.dumps(error) if error else "",
-                error.get("kind", ""),
-                int(bool(error.get("retryable", True))),
-                int(e.charge),
-                int(e.immediate),
-                int(e.avoid),
-                random.random(),
-                e.stream_id,
-            ]
+            rows.append(
+                [
+                    e.task_id,
+                    str(e.attempt),
+                    e.outcome.value,
+                    e.result_json,
+                    json.dumps(error) if error else "",
+                    error.get("kind", ""),
+                    "1" if error.get("retryable", True) else "0",
+                    "1" if e.charge else "0",
+                    "1" if e.immediate else "0",
+                    "1" if e.avoid else "0",
+                    repr(random.random()),
+                    e.stream_id,
+                ]
+            )
+        args = [
+            worker_id,
+            f"{time.time():.6f}",
+            INBOX_GROUP,
+            EVENTS_MAXLEN,
+            json.dumps(rows, ensure_ascii=False),
+        ]
         reply = await self._settle(
             keys=[
                 k.tasks_by_status(TaskStatus.DISPATCHED),

@@ -1,12 +1,13 @@
 -- Place PENDING tasks on workers: the one atomic step from queue to inbox, for a batch.
 -- KEYS: 1 pending queue, 2 status:PENDING, 3 status:DISPATCHED, then per worker:
 --       its hash, heartbeat, task set and inbox stream, followed by its tasks' hashes
--- ARGV: 1 now (epoch seconds), then per worker: worker id, task count, task ids
+-- ARGV: 1 now (epoch seconds), 2 JSON array of [worker id, [task ids]], in KEYS order
 -- Returns, per task in order, its attempt number (placed) or the reason it was not.
 local out = {}
-local k, a = 4, 2
-while a <= #ARGV do
-  local worker, count = ARGV[a], tonumber(ARGV[a + 1])
+local k = 4
+for _, group in ipairs(cjson.decode(ARGV[2])) do
+  local worker, ids = group[1], group[2]
+  local count = #ids
   local whash, beat, tasks, inbox = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local refuse = nil
   if redis.call('EXISTS', beat) == 0 then
@@ -19,7 +20,7 @@ while a <= #ARGV do
   end
   local free = tonumber(redis.call('HGET', whash, 'slots') or '0') - redis.call('SCARD', tasks)
   for i = 1, count do
-    local key, id = KEYS[k + 3 + i], ARGV[a + 1 + i]
+    local key, id = KEYS[k + 3 + i], ids[i]
     local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec')
     local result
     if t[1] ~= 'PENDING' then
@@ -44,6 +45,5 @@ while a <= #ARGV do
     out[#out + 1] = result
   end
   k = k + 4 + count
-  a = a + 2 + count
 end
 return out

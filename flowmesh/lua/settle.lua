@@ -4,11 +4,12 @@
 -- KEYS: 1 status:DISPATCHED, 2 status:RUNNING, 3 status:PENDING, 4 status:DONE,
 --       5 status:FAILED, 6 pending queue, 7 dead-letter set, 8 worker's task set,
 --       9 events stream, 10 the caller's inbox stream, 11.. task hashes
--- ARGV: 1 worker id, 2 now, 3 inbox group, 4 events max length, then 12 per task:
---       task id, attempt, outcome (DONE|FAILED), result json, error json, error kind,
---       retryable (1|0), charge (1: counts toward maxAttempts), immediate (1: no backoff),
---       avoid (1: prefer another worker next time), jitter in [0,1),
---       the caller's inbox entry id ('' for none)
+-- ARGV: 1 worker id, 2 now, 3 inbox group, 4 events max length, 5 a JSON array with, per
+--       task, an array of 12 strings: task id, attempt, outcome (DONE|FAILED), result json,
+--       error json, error kind, retryable (1|0), charge (1: counts toward maxAttempts),
+--       immediate (1: no backoff), avoid (1: prefer another worker next time), jitter in
+--       [0,1), the caller's inbox entry id ('' for none). One argument, not 12 per task:
+--       the client packs each argument in Python, the JSON in C.
 -- Returns, per task, {1, new status} or {0, reason}.
 local worker, now = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 10
@@ -92,8 +93,8 @@ local function settle(key, a)
   return {1, 'FAILED'}
 end
 
+local tasks = cjson.decode(ARGV[5])
 for i = 1, n do
-  local base = 4 + 12 * (i - 1)
-  out[i] = settle(KEYS[10 + i], {unpack(ARGV, base + 1, base + 12)})
+  out[i] = settle(KEYS[10 + i], tasks[i])
 end
 return out

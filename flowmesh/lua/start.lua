@@ -1,13 +1,15 @@
 -- A worker begins attempts: DISPATCHED -> RUNNING, each fenced by attempt and worker.
 -- KEYS: 1 status:DISPATCHED, 2 status:RUNNING, 3 events stream, 4 the worker's task set,
 --       5.. task hashes
--- ARGV: 1 worker id, 2 now, 3 events max length, then per task: task id, attempt
+-- ARGV: 1 worker id, 2 now, 3 events max length, 4 JSON array of [task id, attempt]
+--       (strings), one per task hash
 -- Returns, per task, 1 (started) or the reason it may not start; the worker must then
 -- drop that delivery.
 local n = #KEYS - 4
 local out = {}
+local tasks = cjson.decode(ARGV[4])
 for i = 1, n do
-  local key, id, attempt = KEYS[4 + i], ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local key, id, attempt = KEYS[4 + i], tasks[i][1], tasks[i][2]
   local t = redis.call('HMGET', key, 'status', 'attempts', 'worker_id', 'seq')
   local active = (t[1] == 'DISPATCHED' or t[1] == 'RUNNING')
   if t[2] ~= attempt or t[3] ~= ARGV[1] or not active then

@@ -3,8 +3,9 @@
 -- KEYS: 1 task sequence counter, 2 tasks:all, 3 status:PENDING, 4 pending queue,
 --       5 idempotency key (unused when ARGV[3] is ''), 6.. task hashes
 -- ARGV: 1 now, 2 idempotency ttl (seconds), 3 the new ids as JSON for the idempotency
---       key ('' for none), then 9 per task: task id, name, task type, priority,
---       max attempts, retry backoff, timeout ('' for none), spec json, requirements json
+--       key ('' for none), 4 a JSON array with, per task, an array of 9 strings: task id,
+--       name, task type, priority, max attempts, retry backoff, timeout ('' for none),
+--       spec json, requirements json
 -- Returns {1, first sequence number} or {0, ids stored the first time (JSON)}.
 local n = #KEYS - 5
 if ARGV[3] ~= '' then
@@ -12,15 +13,14 @@ if ARGV[3] ~= '' then
   if seen then return {0, seen} end
 end
 local first = redis.call('INCRBY', KEYS[1], n) - n + 1
+local tasks = cjson.decode(ARGV[4])
 for i = 1, n do
-  local b = 3 + 9 * (i - 1)
-  local id, priority, seq = ARGV[b + 1], tonumber(ARGV[b + 4]), first + i - 1
-  redis.call('HSET', KEYS[5 + i], 'task_id', id, 'name', ARGV[b + 2],
-    'task_type', ARGV[b + 3], 'status', 'PENDING', 'priority', ARGV[b + 4], 'seq', seq,
-    'attempts', 0, 'failures', 0, 'max_attempts', ARGV[b + 5],
-    'retry_backoff', ARGV[b + 6], 'timeout_sec', ARGV[b + 7], 'spec', ARGV[b + 8],
-    'requirements', ARGV[b + 9], 'history', '[]', 'created_at', ARGV[1],
-    'updated_at', ARGV[1])
+  local a = tasks[i]
+  local id, priority, seq = a[1], tonumber(a[4]), first + i - 1
+  redis.call('HSET', KEYS[5 + i], 'task_id', id, 'name', a[2], 'task_type', a[3],
+    'status', 'PENDING', 'priority', a[4], 'seq', seq, 'attempts', 0, 'failures', 0,
+    'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7], 'spec', a[8],
+    'requirements', a[9], 'history', '[]', 'created_at', ARGV[1], 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[2], seq, id)
   redis.call('ZADD', KEYS[3], seq, id)
   redis.call('ZADD', KEYS[4], (1000 - priority) * 1e12 + seq, id)

@@ -255,3 +255,20 @@ def test_signal_to_the_whole_process_group_still_drains(orchestrator, start_work
     task = orchestrator.task(task_id)
     assert task["status"] == "DONE", task
     assert task["attempts"] == 1
+
+
+def test_unicode_and_odd_characters_survive_submit_dispatch_and_settle(
+    orchestrator, start_worker, results_dir
+):
+    start_worker("w1")
+    message = {"text": 'héllo 😀 中文 "quoted" \\ back\nslash \u0000 nul', "n": 1.5e300}
+    (task_id,) = orchestrator.submit(
+        {"metadata": {"name": "naïve-ünïcode"}, **echo(message, maxAttempts=2)}
+    )
+    task = orchestrator.wait(task_id)
+    assert task["status"] == "DONE", task
+    assert task["result"]["message"] == message
+    assert task["name"] == "naïve-ünïcode"
+    assert task["spec"]["spec"]["echo"]["message"] == message
+    responses = json.loads((results_dir / task_id / "responses.json").read_text())
+    assert responses["result"]["message"] == message
