@@ -59,12 +59,16 @@ class Delivery:
 
     @classmethod
     def from_entry(cls, stream_id: str, fields: dict[str, str]) -> Delivery:
+        task_type, timeout = fields.get("task_type"), fields.get("timeout_sec")
+        if task_type is None:  # placed by an orchestrator from before these fields
+            body = json.loads(fields["spec"])["spec"]
+            task_type, timeout = body["taskType"], body.get("timeoutSec")
         return cls(
             stream_id=stream_id,
             task_id=fields["task_id"],
             attempt=int(fields["attempt"]),
-            task_type=fields["task_type"],
-            timeout=float(fields["timeout_sec"]) if fields.get("timeout_sec") else None,
+            task_type=task_type,
+            timeout=float(timeout) if timeout else None,
             spec=fields["spec"],
         )
 
