@@ -306,41 +306,16 @@ class TaskStore:
         )
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
 
-    async def settle(
-        self,
-        task_id: str,
-        attempt: int,
-        worker_id: str,
-        *,
-        outcome: TaskStatus,
-        result: Any = None,
-        error: dict[str, Any] | None = None,
-        charge: bool = True,
-        immediate: bool = False,
-        avoid: bool = True,
-    ) -> Outcome:
-        """End one attempt: DONE, or a retry after backoff, or FAILED and dead-lettered.
-
-        `charge` says whether the failure counts toward maxAttempts (a hand-back does
-        not); `immediate` skips the backoff (a lost worker is not the task's fault).
-        """
-        ending = Ending(
-            task_id,
-            attempt,
-            outcome,
-            json.dumps(result) if result is not None else "",
-            error,
-            charge=charge,
-            immediate=immediate,
-            avoid=avoid,
-        )
-        return (await self.settle_many(worker_id, [ending]))[0]
-
     async def settle_many(
         self, worker_id: str, endings: list[Ending], inbox: str = ""
     ) -> list[Outcome]:
-        """End several attempts of `worker_id` in one script call, each atomically, and
-        ack their entries in `inbox`."""
+        """End attempts of `worker_id` in one script call, each atomically: DONE, or a
+        retry after backoff, or FAILED and dead-lettered; ack their entries in `inbox`.
+
+        An ending's `charge` says whether a failure counts toward maxAttempts (a
+        hand-back does not); `immediate` skips the backoff (a lost worker is not the
+        task's fault).
+        """
         k = self.keys
         rows = []
         for e in endings:

@@ -24,7 +24,7 @@ from flowmesh.errors import failure
 from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus, WorkerStatus
-from flowmesh.store import EVENTS_MAXLEN, NewTask, QueueEntry, TaskStore
+from flowmesh.store import EVENTS_MAXLEN, Ending, NewTask, QueueEntry, TaskStore
 from orchestrator.scheduler import Scheduler, WorkerView
 
 log = logging.getLogger(__name__)
@@ -167,30 +167,32 @@ class Fleet:
             for task_id in ids:
                 pipe.hmget(k.task(task_id), ["attempts", "status"])
             rows = await pipe.execute()
-        for task_id, (attempt, status) in zip(ids, rows, strict=True):
-            if attempt is None:
-                continue
-            # Lost before it started, the task cannot be what killed the worker: re-place
-            # it uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss
-            # counts toward maxAttempts, as a system failure counts toward Ray's max_retries.
-            outcome = await self.store.settle(
+        # Lost before it started, a task cannot be what killed the worker: re-place it
+        # uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss counts
+        # toward maxAttempts, as a system failure counts toward Ray's max_retries.
+        endings = [
+            Ending(
                 task_id,
                 int(attempt),
-                worker_id,
-                outcome=TaskStatus.FAILED,
+                TaskStatus.FAILED,
                 error=error,
                 charge=status == TaskStatus.RUNNING.value,
                 immediate=True,
-                avoid=True,
             )
-            if outcome.ok:
-                log.info(
-                    "task %s attempt %s: worker %s lost → %s",
-                    task_id,
-                    attempt,
-                    worker_id,
-                    outcome.reason,
-                )
+            for task_id, (attempt, status) in zip(ids, rows, strict=True)
+            if attempt is not None
+        ]
+        if endings:
+            outcomes = await self.store.settle_many(worker_id, endings)
+            for ending, outcome in zip(endings, outcomes, strict=True):
+                if outcome.ok:
+                    log.info(
+                        "task %s attempt %d: worker %s lost → %s",
+                        ending.task_id,
+                        ending.attempt,
+                        worker_id,
+                        outcome.reason,
+                    )
         raw_inbox = await self.conn.hget(k.worker(worker_id), "inbox")
         async with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(k.worker(worker_id), mapping={"status": WorkerStatus.LOST.value})

@@ -32,7 +32,7 @@ from executors.base import ExecutorError, TaskContext
 from executors.registry import load
 from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
-from worker.outputs import write_outputs
+from worker.outputs import summary, write_outputs
 
 
 @dataclass(frozen=True)
@@ -150,18 +150,16 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
                 )
         except BaseException as exc:  # every failure goes back to the parent, typed
             error = describe_failure(exc)
-        responses = {
-            "task_id": req.task_id,
-            "attempt": req.attempt,
-            "worker_id": req.worker_id,
-            "task_type": req.task_type,
-            "status": "FAILED" if error else "DONE",
-            "started_at": started_at,
-            "finished_at": time.time(),
-            "elapsed_sec": time.monotonic() - t0,
-            "result": result,
-            "error": error,
-        }
+        responses = summary(
+            task_id=req.task_id,
+            attempt=req.attempt,
+            worker_id=req.worker_id,
+            task_type=req.task_type,
+            started_at=started_at,
+            elapsed=time.monotonic() - t0,
+            result=result,
+            error=error,
+        )
         finished.put(Finished(req, cancelled, responses, result_json, error))
 
     def finish(done: Finished) -> Reply:

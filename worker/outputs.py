@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,32 @@ def _files(root: str, rel: str = "") -> list[tuple[str, str]]:
             elif entry.is_file(follow_symlinks=False):
                 out.append((name, entry.path))
     return sorted(out)
+
+
+def summary(
+    *,
+    task_id: str,
+    attempt: int,
+    worker_id: str,
+    task_type: str,
+    started_at: float,
+    elapsed: float,
+    result: Any,
+    error: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The content of responses.json for one attempt; FAILED when there is an error."""
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "task_type": task_type,
+        "status": "FAILED" if error else "DONE",
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "elapsed_sec": elapsed,
+        "result": result,
+        "error": error,
+    }
 
 
 def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from flowmesh.store import Delivery, Ending, Outcome, TaskStore
 from worker.child import Request
 from worker.hardware import Hardware, Nvml, detect, sample_load
 from worker.host import ExecutorFailure, ExecutorHost
-from worker.outputs import write_outputs
+from worker.outputs import summary, write_outputs
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -185,18 +185,21 @@ class Worker:
                 for task_id in leftover:
                     pipe.hget(k.task(task_id), "attempts")
                 attempts = await pipe.execute()
-            for task_id, attempt in zip(leftover, attempts, strict=True):
-                if attempt is not None:
-                    await self.store.settle(
-                        task_id,
-                        int(attempt),
-                        self.id,
-                        outcome=TaskStatus.FAILED,
-                        error=HANDED_BACK,
-                        charge=False,
-                        immediate=True,
-                        avoid=False,
-                    )
+            endings = [
+                Ending(
+                    task_id,
+                    int(attempt),
+                    TaskStatus.FAILED,
+                    error=HANDED_BACK,
+                    charge=False,
+                    immediate=True,
+                    avoid=False,
+                )
+                for task_id, attempt in zip(leftover, attempts, strict=True)
+                if attempt is not None
+            ]
+            if endings:
+                await self.store.settle_many(self.id, endings)
             log.info("worker %s: handed back %d task(s) it never started", self.id, len(leftover))
         async with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -505,18 +508,16 @@ class Worker:
         elapsed = time.monotonic() - t0
         # A cancelled or superseded attempt must not overwrite the outputs of the live one.
         if not wrote and (error is None or error.get("kind") not in NO_OUTPUTS):
-            responses = {
-                "task_id": task_id,
-                "attempt": attempt,
-                "worker_id": self.id,
-                "task_type": task_type,
-                "status": status.value,
-                "started_at": started_at,
-                "finished_at": time.time(),
-                "elapsed_sec": elapsed,
-                "result": json.loads(result_json) if result_json else None,
-                "error": error,
-            }
+            responses = summary(
+                task_id=task_id,
+                attempt=attempt,
+                worker_id=self.id,
+                task_type=task_type,
+                started_at=started_at,
+                elapsed=elapsed,
+                result=json.loads(result_json) if result_json else None,
+                error=error,
+            )
             await asyncio.to_thread(write_outputs, out_dir, responses)
         uncharged = error is not None and not error.get("charge", True)
         pause = self.settings.failpoints.get("before_settle")
