@@ -25,9 +25,10 @@ from typing import Any
 import httpx
 import redis
 
-from bench.stats import percentile
+from bench.peers.harness import latency_result, throughput_result
 from flowmesh import __version__
 from flowmesh.embedded import free_port
+from flowmesh.keys import Keys
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
 
@@ -74,7 +75,7 @@ class Fleet:
 
     def _ready(self, i: int) -> bool:
         # The first heartbeat (with `load`) follows the executor child's start.
-        return bool(self.r.hexists(f"{self.prefix}worker:bench-{i}", "load"))
+        return bool(self.r.hexists(Keys(self.prefix).worker(f"bench-{i}"), "load"))
 
     def _spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as fh:
@@ -94,8 +95,9 @@ class Fleet:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for key in self.r.scan_iter(f"{self.prefix}*", count=1000):
-            self.r.delete(key)
+        keys = list(self.r.scan_iter(f"{self.prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            self.r.delete(*keys[start : start + 500])
         self.r.close()
 
 
@@ -122,22 +124,13 @@ def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
     t_done = time.perf_counter()
     done = int(fleet.r.get(counter) or 0)
     fleet.r.delete(counter)
-    return {
-        "system": "flowmesh",
-        "version": __version__,
-        "mode": "throughput",
-        "tasks": n,
-        "workers": workers,
-        "completed": done,
-        "submit_sec": t_submitted - t0,
-        "submit_rate": n / (t_submitted - t0),
-        "total_sec": t_done - t0,
-        "throughput": n / (t_done - t0),
-        "settings": (
-            f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child "
-            "(max_concurrency 1, the default); responses.json + manifest.json per task on disk"
-        ),
-    }
+    settings = (
+        f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child "
+        "(max_concurrency 1, the default); responses.json + manifest.json per task on disk"
+    )
+    return throughput_result(
+        "flowmesh", __version__, n, workers, done, t0, t_submitted, t_done, settings
+    )
 
 
 def latency(fleet: Fleet, n: int) -> dict[str, Any]:
@@ -159,17 +152,14 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
             starts.append((float(raw.decode().split(":")[1]) - submitted) * 1000)
     for key in (f"bench:{run_id}:start", f"bench:{run_id}:done"):
         fleet.r.delete(key)
-    return {
-        "system": "flowmesh",
-        "version": __version__,
-        "mode": "latency",
-        "tasks": n,
-        "start_p50_ms": percentile(starts, 0.5),
-        "start_p99_ms": percentile(starts, 0.99),
-        "result_p50_ms": percentile(results, 0.5),
-        "result_p99_ms": percentile(results, 0.99),
-        "settings": "POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll)",
-    }
+    return latency_result(
+        "flowmesh",
+        __version__,
+        n,
+        sorted(starts),
+        results,
+        "POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll)",
+    )
 
 
 def main() -> int:

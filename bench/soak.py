@@ -31,6 +31,8 @@ import redis
 
 from bench.stats import percentile
 from flowmesh.embedded import EmbeddedRedis, free_port
+from flowmesh.keys import Keys
+from flowmesh.status import TaskStatus
 
 
 class Fleet:
@@ -76,6 +78,10 @@ class Fleet:
                 p.kill()
 
 
+# The soak's fleet uses no key prefix.
+KEYS = Keys()
+
+
 def run_flowmesh_soak(
     redis_url: str,
     *,
@@ -102,7 +108,8 @@ def run_flowmesh_soak(
         deadline = time.monotonic() + 60
         while True:
             try:
-                if client.get("/healthz").status_code == 200 and r.scard("workers:ids") == workers:
+                healthy = client.get("/healthz").status_code == 200
+                if healthy and r.scard(KEYS.worker_ids) == workers:
                     break
             except httpx.HTTPError:
                 pass
@@ -127,7 +134,11 @@ def run_flowmesh_soak(
             ids += [t["task_id"] for t in reply.json()["tasks"]]
         generation = workers
         next_kill = time.monotonic() + kill_every
-        while r.zcard("tasks:status:DONE") + r.zcard("tasks:status:FAILED") < tasks:
+        while (
+            r.zcard(KEYS.tasks_by_status(TaskStatus.DONE))
+            + r.zcard(KEYS.tasks_by_status(TaskStatus.FAILED))
+            < tasks
+        ):
             if time.monotonic() - t0 > max_wall:
                 break
             if time.monotonic() >= next_kill:
@@ -143,7 +154,7 @@ def run_flowmesh_soak(
 
         finished = Counter(
             f["task_id"]
-            for _, f in r.xrange("events")
+            for _, f in r.xrange(KEYS.events)
             if f.get("type") == "task.finished" and f.get("status") == "DONE"
         )
         recoveries: list[float] = []
@@ -153,7 +164,7 @@ def run_flowmesh_soak(
         for start in range(0, len(ids), 1000):
             pipe = r.pipeline(transaction=False)
             for task_id in ids[start : start + 1000]:
-                pipe.hmget(f"task:{task_id}", ["status", "history"])
+                pipe.hmget(KEYS.task(task_id), ["status", "history"])
             for status, history in pipe.execute():
                 done += status == "DONE"
                 dead += status == "FAILED"

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from executors.base import Executor
 from executors.registry import entry_points_by_name, load
-from flowmesh.spec import CATALOG_TASK_TYPES, SpecError, TaskBody, TaskSpec
+from flowmesh.spec import CATALOG_TASK_TYPES, SpecError, TaskBody
 from flowmesh.status import TaskStatus
 from orchestrator.documents import BodyError, decode, validate
 from orchestrator.fleet import Fleet
@@ -24,7 +24,6 @@ from orchestrator.fleet import Fleet
 router = APIRouter(prefix="/api/v1")
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
-_SPEC_SCHEMA = TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,

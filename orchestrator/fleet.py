@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import redis.asyncio as aioredis
@@ -116,21 +117,21 @@ class Fleet:
             replies = await pipe.execute()
         views: list[WorkerView] = []
         held: dict[str, str] = {}
-        lost: list[tuple[str, float, set[str]]] = []
+        lost: list[tuple[str, str, float, set[str]]] = []
         for i, wid in enumerate(ids):
             raw, pttl, tasks = replies[3 * i : 3 * i + 3]
             if not raw or "inbox" not in raw:
                 continue
             silent = self._silence(raw, pttl)
             if silent is not None and time.monotonic() >= self._reap_after:
-                lost.append((wid, silent, set(tasks)))
+                lost.append((wid, raw["inbox"], silent, set(tasks)))
                 continue
             views.append(WorkerView.from_hash(raw, alive=silent is None))
             held.update({task_id: wid for task_id in tasks})
-        for wid, silent, tasks in lost:
-            await self._reap(wid, silent, tasks)
+        for wid, inbox, silent, tasks in lost:
+            await self._reap(wid, inbox, silent, tasks)
         await self._sync_active(held)
-        running = {wid: sum(1 for w in held.values() if w == wid) for wid in ids}
+        running = Counter(held.values())
         self.scheduler.set_workers(views, running)
         self._last_refresh = time.monotonic()
         self._refresh_now = False
@@ -142,13 +143,13 @@ class Fleet:
         between machines cannot make a live worker look dead.
         """
         interval = float(raw.get("heartbeat_interval") or 30)
-        lease = self.lease_intervals * interval + 1.0
+        lease = self._lease(interval)
         if pttl is None or pttl < 0:
             return lease  # key gone: at least the lease has passed
         silent = heartbeat_ttl(interval) - pttl / 1000.0
         return silent if silent > lease else None
 
-    async def _reap(self, worker_id: str, silent: float, tasks: set[str]) -> None:
+    async def _reap(self, worker_id: str, inbox: str, silent: float, tasks: set[str]) -> None:
         """A worker stopped beating: re-place its tasks (attempt + 1) and forget it."""
         k = self.keys
         log.warning(
@@ -193,14 +194,12 @@ class Fleet:
                         worker_id,
                         outcome.reason,
                     )
-        raw_inbox = await self.conn.hget(k.worker(worker_id), "inbox")
         async with self.conn.pipeline(transaction=True) as pipe:
             pipe.hset(k.worker(worker_id), mapping={"status": WorkerStatus.LOST.value})
             pipe.expire(k.worker(worker_id), 86_400)
             pipe.srem(k.worker_ids, worker_id)
             pipe.delete(k.heartbeat(worker_id), k.worker_tasks(worker_id))
-            if raw_inbox:
-                pipe.delete(raw_inbox)
+            pipe.delete(inbox)
             pipe.xadd(
                 k.events,
                 {"type": "worker.lost", "worker_id": worker_id},
@@ -390,7 +389,11 @@ class Fleet:
         """The longest lease among registered workers (0 with none: nobody to protect)."""
         if intervals is None:
             intervals = [w.heartbeat_interval for w in self.scheduler.workers.values()]
-        return self.lease_intervals * max(intervals) + 1.0 if intervals else 0.0
+        return self._lease(max(intervals)) if intervals else 0.0
+
+    def _lease(self, interval: float) -> float:
+        """How long a worker beating every `interval` seconds may be silent before it is lost."""
+        return self.lease_intervals * interval + 1.0
 
     async def _intervals(self) -> list[float]:
         ids = await self.conn.smembers(self.keys.worker_ids)

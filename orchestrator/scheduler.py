@@ -284,9 +284,8 @@ class Scheduler:
 
     def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
         """choose() for a retry: a linear pass, since `avoid` differs task by task."""
-        candidates = self.candidates(req)
-        if avoid:
-            candidates = [w for w in candidates if w.worker_id not in avoid] or candidates
+        candidates = [w for w in self.candidates(req) if w.worker_id not in avoid]
+        candidates = candidates or self.candidates(req)
         best: WorkerView | None = None
         best_key: tuple[int, float, float, str] | None = None
         for w in candidates:
