@@ -2,9 +2,10 @@
 
 Runs in a process spawned by `worker.host`. Its main thread only reads requests
 from the pipe; tasks run on a thread pool of the executor's `max_concurrency`,
-and a sender thread returns their results. Both directions carry batches: every
+and a finisher thread returns their results. Both directions carry batches: every
 request the worker had ready in one message, every result finished meanwhile in
-one reply, so a busy worker pays one pipe round trip for many tasks.
+one reply (held a few milliseconds for more while the executor has a backlog), so
+a busy worker pays one pipe round trip, and one settle, for many tasks.
 
 The child also writes each task's `responses.json` and `manifest.json` (in its
 finisher thread, right after `run`, before the result goes back), so the worker's
@@ -22,17 +23,23 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from executors.base import ExecutorError, TaskContext
 from executors.registry import load
 from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
 from worker.outputs import summary, write_outputs
+
+# How long a finished result may wait for others while the executor has a backlog, and
+# for how many (see `collect`): a busy child's replies then go back in batches.
+LINGER_SEC = 0.005
+LINGER_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,48 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
         retryable=retryable,
         traceback="".join(traceback.format_exception(exc))[-8000:],
     )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def collect(
+    source: queue.SimpleQueue[T | None],
+    first: T,
+    handle: Callable[[T], R],
+    backlog: Callable[[], bool],
+    *,
+    limit: int = 256,
+    linger_batch: int = LINGER_BATCH,
+    linger_sec: float = LINGER_SEC,
+) -> tuple[list[R], bool]:
+    """Handle `first` and every item `source` already holds (up to `limit`). While
+    `backlog()` says more results are on their way, also wait up to `linger_sec` for
+    more, until `linger_batch` are in hand. Returns what was handled, and whether the
+    end marker (None) was taken.
+
+    The wait makes a busy executor's replies travel as one batch through settle, the
+    orchestrator's events, placement and the worker's next inbox read, so each of those
+    steps pays its round trip once per batch instead of once per task; an idle
+    executor's result goes back at once."""
+    out, deadline = [handle(first)], 0.0
+    while len(out) < limit:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            if len(out) >= linger_batch or not backlog():
+                break
+            now = time.monotonic()
+            deadline = deadline or now + linger_sec
+            try:
+                item = source.get(timeout=max(deadline - now, 0.0))
+            except queue.Empty:
+                break
+        if item is None:
+            return out, True
+        out.append(handle(item))
+    return out, False
 
 
 def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
@@ -178,24 +227,17 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
         return Reply(done.request.req_id, error is None, result_json, error, wrote)
 
     def finisher() -> None:
-        """Write the outputs of every task finished meanwhile, one after another (file
-        creation in one directory from many threads at once costs the kernel twice as
-        much), then send all their replies as one message, with health once."""
+        """Write the outputs of finished tasks one after another (file creation in one
+        directory from many threads at once costs the kernel twice as much) and send
+        their replies in batches, with health once per batch (see `collect`)."""
         while True:
             first = finished.get()
             if first is None:
                 return
-            batch, stop = [first], False
-            while len(batch) < 256:
-                try:
-                    more = finished.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            conn.send(("results", [finish(done) for done in batch], safe_health()))
+            replies, stop = collect(
+                finished, first, finish, backlog=lambda: len(cancels) > cls.max_concurrency
+            )
+            conn.send(("results", replies, safe_health()))
             if stop:
                 return
 

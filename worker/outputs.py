@@ -89,7 +89,7 @@ def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, A
     except FileNotFoundError:
         os.makedirs(root, exist_ok=True)  # RESULTS_DIR itself is new
         fresh = False
-    data = json.dumps(responses, indent=2, ensure_ascii=False).encode()
+    data = json.dumps(responses, ensure_ascii=False).encode()
     _write(os.path.join(root, RESPONSES), data)
     files = []
     for rel, path in [(RESPONSES, "")] if fresh else _files(root):
@@ -102,5 +102,5 @@ def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, A
         else:
             files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path)})
     manifest = {"task_id": responses["task_id"], "attempt": responses["attempt"], "files": files}
-    _write(os.path.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    _write(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
     return manifest
