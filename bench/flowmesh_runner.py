@@ -6,7 +6,8 @@
 Throughput: an orchestrator and K worker processes; N no-op tasks submitted over HTTP in
 batches of 500 (the API's bulk form); time from the first submit until the shared Redis
 counter reaches N. Latency: one idle worker; N tasks one at a time, each submitted with
-POST and its result read back with one long-poll GET (`?wait=30`).
+POST and its result read back with one long-poll GET (`?wait=30`). Both go through
+FlowMesh's own client (`flowmesh.client`), as each peer goes through its own.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from bench.peers.harness import latency_result, throughput_result
 from flowmesh import __version__
+from flowmesh.client import Client
 from flowmesh.embedded import free_port
 from flowmesh.keys import Keys
 
@@ -57,17 +58,11 @@ class Fleet:
             self._spawn(f"w{i}", ["-m", "worker.main"], WORKER_ID=f"bench-{i}")
             for i in range(workers)
         ]
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+        self.client = Client(f"http://127.0.0.1:{self.port}", timeout=60)
         self.r = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 60
         while True:
-            try:
-                ready = self.http.get("/healthz").status_code == 200 and all(
-                    self._ready(i) for i in range(workers)
-                )
-            except httpx.HTTPError:
-                ready = False
-            if ready:
+            if self.client.healthy() and all(self._ready(i) for i in range(workers)):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fleet did not start; logs in {self.logs}")
@@ -87,7 +82,7 @@ class Fleet:
             )
 
     def close(self) -> None:
-        self.http.close()
+        self.client.close()
         for p in self.procs:
             p.terminate()
         for p in self.procs:
@@ -116,7 +111,7 @@ def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for start in range(0, n, 500):
         batch = [spec(run_id, i) for i in range(start, min(n, start + 500))]
-        fleet.http.post("/api/v1/tasks", json=batch).raise_for_status()
+        fleet.client.submit(batch)
     t_submitted = time.perf_counter()
     deadline = time.monotonic() + 300
     while int(fleet.r.get(counter) or 0) < n and time.monotonic() < deadline:
@@ -140,9 +135,9 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
     for i in range(-20, n):  # the first 20 warm up
         body = spec(run_id, i, latency=True)
         submitted = body["spec"]["echo"]["message"]["t"] = time.time()
-        task_id = fleet.http.post("/api/v1/tasks", json=body).json()["tasks"][0]["task_id"]
+        task_id = fleet.client.submit(body)[0]["task_id"]
         # Long poll: the reply comes when the task has ended (no client-side polling).
-        status = fleet.http.get(f"/api/v1/tasks/{task_id}", params={"wait": 30}).json()["status"]
+        status = fleet.client.task(task_id, wait=30)["status"]
         if status != "DONE":
             raise RuntimeError(f"task {task_id} ended {status}")
         seen = time.time()
@@ -158,7 +153,7 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
         n,
         sorted(starts),
         results,
-        "POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll)",
+        "flowmesh.client: POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll)",
     )
 
 

@@ -10,6 +10,7 @@ import sys
 from executors.registry import available
 from flowmesh.config import environ, setup_logging
 from flowmesh.errors import ConfigError
+from flowmesh.loop import run
 from flowmesh.redis_conn import check_server, connect, redact
 from worker.runner import Worker
 from worker.settings import WorkerSettings
@@ -38,7 +39,7 @@ def main() -> int:
     try:
         settings = WorkerSettings.from_env(environ())
         setup_logging(settings.log_level, f"worker[{settings.worker_id}]")
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
