@@ -36,8 +36,8 @@ from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
 from worker.outputs import summary, write_outputs
 
-# How long a finished result may wait for others while the executor has a backlog, and
-# for how many (see `collect`): a busy child's replies then go back in batches.
+# A busy child's replies go back in batches of up to LINGER_BATCH, a finished result
+# waiting at most LINGER_SEC for the others (see `collect`).
 LINGER_SEC = 0.005
 LINGER_BATCH = 32
 
@@ -105,25 +105,25 @@ def collect(
     handle: Callable[[T], R],
     backlog: Callable[[], bool],
     *,
-    limit: int = 256,
-    linger_batch: int = LINGER_BATCH,
+    batch: int = LINGER_BATCH,
     linger_sec: float = LINGER_SEC,
 ) -> tuple[list[R], bool]:
-    """Handle `first` and every item `source` already holds (up to `limit`). While
+    """Handle `first` and the items `source` already holds, up to `batch` in all. While
     `backlog()` says more results are on their way, also wait up to `linger_sec` for
-    more, until `linger_batch` are in hand. Returns what was handled, and whether the
-    end marker (None) was taken.
+    more. Returns what was handled, and whether the end marker (None) was taken.
 
     The wait makes a busy executor's replies travel as one batch through settle, the
     orchestrator's events, placement and the worker's next inbox read, so each of those
     steps pays its round trip once per batch instead of once per task; an idle
-    executor's result goes back at once."""
+    executor's result goes back at once. The cap keeps part of a deep backlog in the
+    child while a batch is away, so the executor does not run dry waiting for the
+    refill that batch's freed slots bring."""
     out, deadline = [handle(first)], 0.0
-    while len(out) < limit:
+    while len(out) < batch:
         try:
             item = source.get_nowait()
         except queue.Empty:
-            if len(out) >= linger_batch or not backlog():
+            if not backlog():
                 break
             now = time.monotonic()
             deadline = deadline or now + linger_sec

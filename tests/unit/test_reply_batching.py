@@ -33,7 +33,7 @@ def test_busy_executor_waits_for_the_next_result_up_to_the_batch_size() -> None:
     q = _queue()
     threading.Timer(0.05, q.put, args=(2,)).start()
     threading.Timer(0.10, q.put, args=(3,)).start()
-    out, ended = collect(q, 1, lambda i: i, lambda: True, linger_batch=3, linger_sec=600)
+    out, ended = collect(q, 1, lambda i: i, lambda: True, batch=3, linger_sec=600)
     assert out == [1, 2, 3]  # waited for both, then stopped at the batch size
     assert not ended
 
@@ -48,7 +48,7 @@ def test_busy_executor_stops_waiting_once_the_backlog_is_gone() -> None:
         q.put(2)
 
     threading.Timer(0.05, last_result).start()
-    out, _ = collect(q, 1, lambda i: i, backlog.is_set, linger_batch=32, linger_sec=600)
+    out, _ = collect(q, 1, lambda i: i, backlog.is_set, batch=32, linger_sec=600)
     assert out == [1, 2]
 
 
@@ -65,7 +65,7 @@ def test_end_marker_stops_after_the_results_before_it() -> None:
     assert q.get_nowait() == 3
 
 
-def test_a_reply_never_exceeds_the_limit() -> None:
+def test_a_reply_never_exceeds_the_batch_size_even_when_more_is_ready() -> None:
     q = _queue(*range(2, 11))
-    out, _ = collect(q, 1, lambda i: i, lambda: False, limit=4)
+    out, _ = collect(q, 1, lambda i: i, lambda: False, batch=4)
     assert out == [1, 2, 3, 4]
