@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from flowmesh.client import ApiError, Client
 from tests.conftest import ROOT
 
 
@@ -151,7 +152,7 @@ def test_listing_filters_and_paginates_with_a_cursor(orchestrator, start_worker)
     assert r.status_code == 422
 
 
-TOKEN = "s3cret-token-for-tests-0123456789"
+TOKEN = "s3cret-token-for-the-test-for-tests-0123456789"
 
 
 def test_token_auth_guards_everything_but_health(start_orchestrator):
@@ -244,3 +245,20 @@ def test_long_poll_wait_out_of_range_is_422(orchestrator, wait):
     r = orchestrator.http.get(f"/api/v1/tasks/{task_id}", params={"wait": wait})
     assert r.status_code == 422
     assert "wait" in r.text
+
+
+def test_python_client_submits_and_long_polls_with_a_token(start_orchestrator, start_worker):
+    orch = start_orchestrator(token="s3cret-token-for-the-test")
+    start_worker("w1")
+    with Client(orch.url, token="s3cret-token-for-the-test") as fm:  # the README's example
+        [task] = fm.submit({"spec": {"taskType": "echo", "echo": {"message": "hi"}}})
+        done = fm.task(task["task_id"], wait=30)
+        assert done["status"] == "DONE"
+        assert done["result"]["message"] == "hi"
+        with pytest.raises(ApiError) as bad:
+            fm.submit({"spec": {"taskType": "echo", "priority": "high"}})
+        assert bad.value.status == 422
+        assert "priority" in str(bad.value)
+    with Client(orch.url) as anonymous, pytest.raises(ApiError) as denied:
+        anonymous.workers()
+    assert denied.value.status == 401
