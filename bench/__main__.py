@@ -27,7 +27,7 @@ from flowmesh.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("celery", "dramatiq", "rq", "arq", "taskiq", "saq")
-SECTIONS = ("throughput", "latency", "raw", "scheduler", "idle")
+SECTIONS = ("throughput", "latency", "raw", "scheduler", "redis-memory", "idle")
 
 
 def run_system(
@@ -176,6 +176,24 @@ def section_scheduler() -> None:
     subprocess.run([sys.executable, "-m", "bench.scheduler_scale"], cwd=ROOT, check=False)
 
 
+def section_redis_memory(url: str) -> None:
+    print("\n## Redis memory per pending task (100,000 echo tasks, no worker)", flush=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.redis_memory", "--redis-url", url, "--tasks", "100000"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    row = json.loads(out.stdout)
+    print(
+        f"  {row['bytes_per_task']:,.0f} B per pending echo task in Redis "
+        f"(task hash of {row['hash_fields']} fields with a {row['spec_bytes']} B spec, "
+        "plus its tasks:all, status and pending-queue entries)",
+        flush=True,
+    )
+
+
 def section_idle(url: str, window: float) -> None:
     print(f"\n## Idle cost over {window:.0f}s", flush=True)
     for row in idle_cost(url, window=window):
@@ -210,6 +228,8 @@ def main() -> int:
             section_latency(server.url, systems, args)
         if "scheduler" in only:
             section_scheduler()
+        if "redis-memory" in only:
+            section_redis_memory(server.url)
         if "idle" in only:
             section_idle(server.url, args.idle_window)
     return 0

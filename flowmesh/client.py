@@ -10,8 +10,19 @@ from __future__ import annotations
 import http.client
 import json
 import select
+import socket
 from typing import Any
 from urllib.parse import urlencode, urlsplit
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has data or EOF waiting, without blocking. poll() where there is one:
+    select() fails on descriptors above 1023, which a busy process reaches."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 class ApiError(Exception):
@@ -51,7 +62,7 @@ class Client:
         conn = self._conn
         # An idle keep-alive connection the server has closed reads as ready (EOF): open
         # a new one before sending, so no request is ever sent twice.
-        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+        if conn is not None and conn.sock is not None and _readable(conn.sock):
             self.close()
             conn = None
         if conn is None:

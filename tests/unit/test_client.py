@@ -109,3 +109,23 @@ def test_health_is_false_when_nothing_listens() -> None:
 def test_a_url_without_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="http"):
         Client("localhost:8000")
+
+
+def test_works_when_its_socket_number_is_above_1023(server: _Server) -> None:
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard open-files limit here ({hard}) is below 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    held = [socket.socket() for _ in range(1030)]  # push the next descriptors past 1023
+    try:
+        with Client(_url(server)) as client:
+            client.workers()
+            assert client._conn is not None and client._conn.sock.fileno() > 1023
+            assert client.workers() == []  # the stale-connection check ran on a high fd
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
