@@ -1,6 +1,6 @@
 """The benchmark suite: FlowMesh against the queues users would pick instead, on one Redis.
 
-    uv run python -m bench                       # everything, 3 runs each, ~15 min
+    uv run python -m bench                       # everything, 3 runs each, ~45 min
     uv run python -m bench --runs 1 --tasks 2000 # a quick look
     uv run python -m bench --only throughput,latency --peers celery,arq
 
