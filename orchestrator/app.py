@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,12 +14,31 @@ from redis.exceptions import RedisError
 from flowmesh import __version__
 from flowmesh.keys import Keys
 from flowmesh.redis_conn import check_server, connect, redact
+from flowmesh.spec import TaskSpec
 from orchestrator.api import router
 from orchestrator.auth import BodyLimit, TokenAuth
 from orchestrator.fleet import Fleet
 from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
+
+
+def _with_task_spec_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's OpenAPI document plus the TaskSpec schema (and the models it uses), which
+    the submit route's body refers to: that route reads the raw body itself (JSON or
+    YAML), so FastAPI never sees the model and would leave the reference dangling."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()  # FastAPI caches it in app.openapi_schema
+            spec = TaskSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in {**spec.pop("$defs", {}), "TaskSpec": spec}.items():
+                schemas.setdefault(name, schema)
+        return app.openapi_schema or {}
+
+    return openapi
 
 
 def create_app(settings: OrchestratorSettings) -> FastAPI:
@@ -57,6 +76,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.openapi = _with_task_spec_schema(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", summary="Liveness and Redis reachability (no auth)")
     async def healthz(request: Request) -> Any:

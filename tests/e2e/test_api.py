@@ -262,3 +262,25 @@ def test_python_client_submits_and_long_polls_with_a_token(start_orchestrator, s
     with Client(orch.url) as anonymous, pytest.raises(ApiError) as denied:
         anonymous.workers()
     assert denied.value.status == 401
+
+
+def test_openapi_document_has_no_dangling_references(orchestrator):
+    doc = orchestrator.http.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def refs(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    found = set(refs(doc))
+    assert "#/components/schemas/TaskSpec" in found  # the submit body's schema
+    missing = {r for r in found if r.removeprefix("#/components/schemas/") not in schemas}
+    assert not missing
+    task_type = schemas["TaskBody"]["properties"]["taskType"]
+    assert task_type["pattern"].startswith("^[a-z]")
