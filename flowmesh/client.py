@@ -12,7 +12,7 @@ import json
 import select
 import socket
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -123,29 +123,24 @@ class Client:
     def task(self, task_id: str, wait: float | None = None) -> dict[str, Any]:
         """The task; with `wait`, the reply comes when it has ended or after `wait`
         seconds (a long poll, at most 60), whichever is first."""
-        if wait is None:
-            return dict(self._call("GET", f"/api/v1/tasks/{task_id}"))
-        return dict(
-            self._call(
-                "GET",
-                f"/api/v1/tasks/{task_id}",
-                params={"wait": wait},
-                timeout=max(self.timeout, wait + 10),
-            )
-        )
+        params = None if wait is None else {"wait": wait}
+        timeout = None if wait is None else max(self.timeout, wait + 10)
+        path = f"/api/v1/tasks/{quote(task_id, safe='')}"
+        return dict(self._call("GET", path, params=params, timeout=timeout))
 
     def tasks(self, **params: Any) -> dict[str, Any]:
         clean = {k: v for k, v in params.items() if v is not None}
         return dict(self._call("GET", "/api/v1/tasks", params=clean))
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/api/v1/tasks/{task_id}/cancel"))
+        return dict(self._call("POST", f"/api/v1/tasks/{quote(task_id, safe='')}/cancel"))
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/dead-letters", params={"limit": limit})["tasks"])
 
     def requeue(self, task_id: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/api/v1/dead-letters/{task_id}/requeue"))
+        path = f"/api/v1/dead-letters/{quote(task_id, safe='')}/requeue"
+        return dict(self._call("POST", path))
 
     def workers(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/workers")["workers"])

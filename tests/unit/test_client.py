@@ -129,3 +129,9 @@ def test_works_when_its_socket_number_is_above_1023(server: _Server) -> None:
         for s in held:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_task_ids_are_quoted_into_the_path(server: _Server) -> None:
+    with Client(_url(server)) as client:
+        client.task("../workers x")
+    assert server.seen[0][0] == "/api/v1/tasks/..%2Fworkers%20x"
