@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from bench.peers.harness import latency_result, throughput_result
+from bench.peers.harness import delete_matching, latency_result, throughput_result
 from flowmesh import __version__
 from flowmesh.client import Client
 from flowmesh.embedded import free_port
@@ -90,9 +90,7 @@ class Fleet:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        keys = list(self.r.scan_iter(f"{self.prefix}*", count=1000))
-        for start in range(0, len(keys), 500):
-            self.r.delete(*keys[start : start + 500])
+        delete_matching(self.r, f"{self.prefix}*")
         self.r.close()
 
 

@@ -17,6 +17,7 @@ import json
 import uuid
 from typing import Any
 
+from bench.peers.harness import async_delete_matching
 from flowmesh.keys import Keys
 from flowmesh.redis_conn import client
 from flowmesh.spec import TaskSpec
@@ -47,14 +48,7 @@ async def measure(redis_url: str, tasks: int) -> dict[str, Any]:
             "spec_bytes": len(sample.get("spec", "")),
         }
     finally:
-        batch = []
-        async for key in conn.scan_iter(f"{keys.prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) == 500:
-                await conn.delete(*batch)
-                batch = []
-        if batch:
-            await conn.delete(*batch)
+        await async_delete_matching(conn, f"{keys.prefix}*")
         await conn.aclose()
 
 

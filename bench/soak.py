@@ -26,10 +26,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from bench.stats import percentile
+from flowmesh.client import Client
 from flowmesh.embedded import EmbeddedRedis, free_port
 from flowmesh.keys import Keys
 from flowmesh.status import TaskStatus
@@ -100,19 +100,15 @@ def run_flowmesh_soak(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     kills: dict[str, float] = {}
+    client = Client(url, timeout=60)
     try:
         fleet.spawn("orchestrator", ["-m", "orchestrator.main", "--port", str(port)])
         for i in range(workers):
             fleet.start_worker(f"soak-{i}")
-        client = httpx.Client(base_url=url, timeout=60)
         deadline = time.monotonic() + 60
         while True:
-            try:
-                healthy = client.get("/healthz").status_code == 200
-                if healthy and r.scard(KEYS.worker_ids) == workers:
-                    break
-            except httpx.HTTPError:
-                pass
+            if client.healthy() and r.scard(KEYS.worker_ids) == workers:
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fleet did not start; logs in {logs}")
             time.sleep(0.2)
@@ -129,9 +125,7 @@ def run_flowmesh_soak(
                 }
                 for _ in range(start, min(tasks, start + 500))
             ]
-            reply = client.post("/api/v1/tasks", json=batch)
-            reply.raise_for_status()
-            ids += [t["task_id"] for t in reply.json()["tasks"]]
+            ids += [t["task_id"] for t in client.submit(batch)]
         generation = workers
         next_kill = time.monotonic() + kill_every
         while (
@@ -192,6 +186,7 @@ def run_flowmesh_soak(
             f"{workers} workers x {slots} slots",
         }
     finally:
+        client.close()
         fleet.stop()
         r.close()
 

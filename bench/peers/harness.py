@@ -254,30 +254,40 @@ async def async_wait_ready(r: Any, workers: _WorkersBase, run_id: str, k: int) -
         await asyncio.sleep(0.05)
 
 
+def delete_matching(r: Any, pattern: str) -> None:
+    """Delete every key matching `pattern`, 500 per DEL."""
+    batch = []
+    for key in r.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            r.delete(*batch)
+            batch = []
+    if batch:
+        r.delete(*batch)
+
+
+async def async_delete_matching(r: Any, pattern: str) -> None:
+    """`delete_matching` with an asyncio client."""
+    batch = []
+    async for key in r.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await r.delete(*batch)
+            batch = []
+    if batch:
+        await r.delete(*batch)
+
+
 def cleanup(r: Any, run_id: str) -> None:
     """Delete only this run's keys: bench:<run_id>:* and the peer's keys named after the run."""
     for pattern in _patterns(run_id):
-        batch = []
-        for key in r.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                r.delete(*batch)
-                batch = []
-        if batch:
-            r.delete(*batch)
+        delete_matching(r, pattern)
 
 
 async def async_cleanup(r: Any, run_id: str) -> None:
     """`cleanup` with an asyncio client."""
     for pattern in _patterns(run_id):
-        batch = []
-        async for key in r.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                await r.delete(*batch)
-                batch = []
-        if batch:
-            await r.delete(*batch)
+        await async_delete_matching(r, pattern)
 
 
 def wait_done(r: Any, workers: _WorkersBase, run_id: str, n: int, t0: float) -> int:
