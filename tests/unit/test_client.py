@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -36,10 +37,6 @@ class _Handler(BaseHTTPRequestHandler):
         # Close without saying so (no `Connection: close`), as a server's idle timeout does.
         self.close_connection = self.server.drop_after_reply
 
-    def finish(self) -> None:
-        super().finish()
-        self.server.closed.set()
-
     def log_message(self, *args: object) -> None:
         pass
 
@@ -48,6 +45,10 @@ class _Server(ThreadingHTTPServer):
     seen: list[tuple[str, str | None, tuple[str, int]]]
     drop_after_reply: bool
     closed: threading.Event
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)  # the socket is closed only here
+        self.closed.set()
 
 
 @pytest.fixture
