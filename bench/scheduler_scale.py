@@ -16,7 +16,7 @@ import time
 import tracemalloc
 
 from flowmesh.spec import Requirements
-from flowmesh.store import QueueEntry, pending_score
+from flowmesh.store import QueueEntry
 from orchestrator.scheduler import GpuView, Scheduler, WorkerView
 
 GPUS = [
@@ -90,7 +90,9 @@ def main() -> int:
     s = Scheduler()
     s.set_workers(views, {})
     for i, (task_id, req) in enumerate(zip(ids, reqs, strict=True)):
-        s.add_pending(QueueEntry(task_id, req, pending_score(rng.randint(-2, 2), i)), 0.0)
+        # A stand-in for the queue score submit.lua stores: five priority levels, then age.
+        score = float(rng.randint(0, 4) * args.tasks + i)
+        s.add_pending(QueueEntry(task_id, req, score), 0.0)
     pending_bytes = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
 

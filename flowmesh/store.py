@@ -17,16 +17,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from flowmesh.events import EVENTS_MAXLEN  # lives in flowmesh.events; importable from here
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import ACTIVE, TaskStatus
-
-EVENTS_MAXLEN = 100_000
-
-
-def pending_score(priority: int, seq: int) -> float:
-    """Higher priority first, then older first: ascending order of this score."""
-    return (1000 - priority) * 1e12 + seq
 
 
 def _script(name: str) -> str:
@@ -35,14 +29,14 @@ def _script(name: str) -> str:
 
 @dataclass(frozen=True)
 class NewTask:
+    """A task `submit` stored. `score` orders the pending queue (ascending: higher
+    priority first, then older first); submit.lua computes it, nothing else does."""
+
     task_id: str
     seq: int
     spec: TaskSpec
     requirements: Requirements
-
-    @property
-    def score(self) -> float:
-        return pending_score(self.spec.spec.priority, self.seq)
+    score: float
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class Ending:
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """A PENDING task as the scheduler queues it."""
+    """A PENDING task as the scheduler queues it; `score` is the one submit.lua stored."""
 
     task_id: str
     requirements: Requirements
@@ -157,7 +151,7 @@ class TaskStore:
             json.dumps(ids) if idempotency_key else "",
             json.dumps(rows, ensure_ascii=False),
         ]
-        stored, value = await self._submit(
+        reply = await self._submit(
             keys=[
                 k.task_seq,
                 k.tasks_all,
@@ -168,12 +162,14 @@ class TaskStore:
             ],
             args=args,
         )
-        if not stored:
-            return [], list(json.loads(value))
-        first = int(value)
+        if not reply[0]:
+            return [], list(json.loads(reply[1]))
+        first, scores = int(reply[1]), reply[2]
         return [
-            NewTask(task_id, first + i, spec, req)
-            for i, (task_id, spec, req) in enumerate(zip(ids, specs, requirements, strict=True))
+            NewTask(task_id, first + i, spec, req, float(score))
+            for i, (task_id, spec, req, score) in enumerate(
+                zip(ids, specs, requirements, scores, strict=True)
+            )
         ], None
 
     # -- read --------------------------------------------------------------------
@@ -228,13 +224,11 @@ class TaskStore:
             for task_id in task_ids:
                 pipe.hmget(
                     self.keys.task(task_id),
-                    ["status", "requirements", "priority", "seq", "retry_at", "avoid_workers"],
+                    ["status", "requirements", "score", "retry_at", "avoid_workers"],
                 )
             rows = await pipe.execute()
         out: list[QueueEntry | None] = []
-        for task_id, (status, req, priority, seq, retry_at, avoid) in zip(
-            task_ids, rows, strict=True
-        ):
+        for task_id, (status, req, score, retry_at, avoid) in zip(task_ids, rows, strict=True):
             if status != TaskStatus.PENDING.value or not req:
                 out.append(None)
                 continue
@@ -242,7 +236,7 @@ class TaskStore:
                 QueueEntry(
                     task_id=task_id,
                     requirements=Requirements.model_validate_json(req),
-                    score=pending_score(int(priority or 0), int(seq)),
+                    score=float(score),
                     not_before=float(retry_at) if retry_at else 0.0,
                     avoid=frozenset(a for a in (avoid or "").split(",") if a),
                 )

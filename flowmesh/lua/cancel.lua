@@ -5,6 +5,7 @@
 --       5 status:RUNNING, 6 status:CANCELLED, 7 events stream
 -- ARGV: 1 task id, 2 now, 3 events max length
 -- Returns {1, previous status, worker id, attempt} or {0, current status}.
+-- Event types: flowmesh/events.py (EventType) lists every one.
 local t = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'attempts', 'seq', 'history')
 local status = t[1]
 if not status then return {0, 'missing'} end

@@ -11,6 +11,7 @@
 --       [0,1), the caller's inbox entry id ('' for none). One argument, not 12 per task:
 --       the client packs each argument in Python, the JSON in C.
 -- Returns, per task, {1, new status} or {0, reason}.
+-- Event types: flowmesh/events.py (EventType) lists every one.
 local worker, now = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 10
 local out = {}
@@ -24,7 +25,7 @@ local function settle(key, a)
   -- a: this task's 12 arguments
   local id, attempt = a[1], a[2]
   local t = redis.call('HMGET', key, 'status', 'attempts', 'worker_id', 'seq', 'failures',
-    'max_attempts', 'priority', 'retry_backoff', 'history', 'dispatched_at', 'started_at',
+    'max_attempts', 'score', 'retry_backoff', 'history', 'dispatched_at', 'started_at',
     'avoid_workers')
   local status = t[1]
   local active = (status == 'DISPATCHED' or status == 'RUNNING')
@@ -80,7 +81,7 @@ local function settle(key, a)
     redis.call('HSET', key, 'status', 'PENDING', 'failures', failures, 'error', a[5],
       'retry_at', now + delay, 'avoid_workers', avoid, 'worker_id', '', 'reason', reason)
     redis.call('ZADD', KEYS[3], seq, id)
-    redis.call('ZADD', KEYS[6], (1000 - tonumber(t[7] or '0')) * 1e12 + tonumber(seq), id)
+    redis.call('ZADD', KEYS[6], t[7], id)  -- the queue score submit.lua stored
     event('task.retry', id, attempt, 'PENDING')
     return {1, 'PENDING'}
   end

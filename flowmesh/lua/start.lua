@@ -5,6 +5,7 @@
 --       (strings), one per task hash
 -- Returns, per task, 1 (started) or the reason it may not start; the worker must then
 -- drop that delivery.
+-- Event types: flowmesh/events.py (EventType) lists every one.
 local n = #KEYS - 4
 local out = {}
 local tasks = cjson.decode(ARGV[4])

@@ -6,7 +6,15 @@
 --       key ('' for none), 4 a JSON array with, per task, an array of 9 strings: task id,
 --       name, task type, priority, max attempts, retry backoff, timeout ('' for none),
 --       spec json, requirements json
--- Returns {1, first sequence number} or {0, ids stored the first time (JSON)}.
+-- Returns {1, first sequence number, {each task's queue score}} or {0, ids stored the
+-- first time (JSON)}.
+--
+-- The queue score is computed here and nowhere else: ascending order is higher priority
+-- first, then older first. It is stored in the task hash (`score`) for settle.lua and
+-- requeue_dead.lua to re-queue with, and for TaskStore to read; it goes as a string with
+-- every digit ('%.0f'), since a Lua number returned to Redis is cut to an integer and one
+-- formatted with tostring() keeps only 14 digits. (1000 - priority) * 1e12 + seq is an
+-- integer below 2^53 (priority in [-1000, 1000], seq < 1e12), so a double holds it exactly.
 local n = #KEYS - 5
 if ARGV[3] ~= '' then
   local seen = redis.call('GET', KEYS[5])
@@ -14,18 +22,21 @@ if ARGV[3] ~= '' then
 end
 local first = redis.call('INCRBY', KEYS[1], n) - n + 1
 local tasks = cjson.decode(ARGV[4])
+local scores = {}
 for i = 1, n do
   local a = tasks[i]
   local id, priority, seq = a[1], tonumber(a[4]), first + i - 1
+  local score = string.format('%.0f', (1000 - priority) * 1e12 + seq)
+  scores[i] = score
   redis.call('HSET', KEYS[5 + i], 'task_id', id, 'name', a[2], 'task_type', a[3],
-    'status', 'PENDING', 'priority', a[4], 'seq', seq, 'attempts', 0, 'failures', 0,
-    'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7], 'spec', a[8],
+    'status', 'PENDING', 'priority', a[4], 'seq', seq, 'score', score, 'attempts', 0,
+    'failures', 0, 'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7], 'spec', a[8],
     'requirements', a[9], 'history', '[]', 'created_at', ARGV[1], 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[2], seq, id)
   redis.call('ZADD', KEYS[3], seq, id)
-  redis.call('ZADD', KEYS[4], (1000 - priority) * 1e12 + seq, id)
+  redis.call('ZADD', KEYS[4], score, id)
 end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[2])
 end
-return {1, first}
+return {1, first, scores}

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import redis.asyncio as aioredis
+
+from flowmesh.failures import FailureKind, failure
+from flowmesh.keys import Keys
+from flowmesh.spec import TaskSpec
+from flowmesh.status import TaskStatus
+from flowmesh.store import Ending, NewTask, QueueEntry, TaskStore
 from tests.conftest import wait_until
 
 
@@ -68,3 +76,56 @@ def test_task_topic_and_key_prefix_name_the_keys(start_orchestrator, start_worke
     assert rdb.type("fleetA:jobs:inbox:w9") == "stream"
     assert not rdb.exists("workers:ids")
     assert wait_until(lambda: rdb.exists("fleetA:events"))
+
+
+def test_queue_score_is_stored_at_submit_and_reused_by_every_requeue(redis_url, rdb):
+    """submit.lua computes the pending-queue score once and stores it as `score`; the score
+    comes back to Python, the hash, the queue, a retry (settle.lua) and a dead-letter requeue
+    (requeue_dead.lua) all hold exactly the same number, digits near 2^51 included."""
+    first_seq = 10**12 - 10  # scores up to 2.001e15: every digit must survive
+    rdb.set("tasks:seq", first_seq - 1)
+    priorities = [1000, 0, -1000, 5, 5]
+
+    async def scenario() -> tuple[list[NewTask], list[QueueEntry | None], list[str]]:
+        conn = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            store = TaskStore(conn, Keys())
+            specs = [
+                TaskSpec.model_validate({"spec": {"taskType": "echo", "priority": p}})
+                for p in priorities
+            ]
+            tasks, _ = await store.submit(specs)
+            entries = await store.queue_entries([t.task_id for t in tasks])
+            # A retry and a dead-letter requeue of the first task, on a made-up worker.
+            t = tasks[0].task_id
+            outcomes = []
+            for attempt, kind in ((1, FailureKind.EXCEPTION), (2, FailureKind.PERMANENT)):
+                await conn.zrem("tasks:pending", t)
+                await conn.hset(
+                    f"task:{t}",
+                    mapping={"status": "DISPATCHED", "attempts": attempt, "worker_id": "w"},
+                )
+                (outcome,) = await store.settle_many(
+                    "w", [Ending(t, attempt, TaskStatus.FAILED, error=failure(kind, "x"))]
+                )
+                outcomes.append(outcome.reason)
+                if outcome.reason == "PENDING":
+                    outcomes.append(str(await conn.zscore("tasks:pending", t)))
+            assert (await store.requeue_dead(t)).ok
+            return tasks, entries, outcomes
+        finally:
+            await conn.aclose()
+
+    tasks, entries, outcomes = asyncio.run(scenario())
+    expected = [(1000 - p) * 10**12 + first_seq + i for i, p in enumerate(priorities)]
+    assert [t.seq for t in tasks] == [first_seq + i for i in range(len(priorities))]
+    assert [t.score for t in tasks] == [float(e) for e in expected]
+    assert [int(t.score) for t in tasks] == expected
+    assert [rdb.hget(f"task:{t.task_id}", "score") for t in tasks] == [str(e) for e in expected]
+    assert [e.score for e in entries if e] == [t.score for t in tasks]
+    assert [rdb.zscore("tasks:pending", t.task_id) for t in tasks] == [t.score for t in tasks]
+    # Higher priority first, then older first.
+    order = [t.task_id for t in sorted(tasks, key=lambda t: t.score)]
+    assert order == [tasks[i].task_id for i in (0, 3, 4, 1, 2)]
+    assert outcomes == ["PENDING", str(tasks[0].score), "FAILED"]
+    assert rdb.zscore("tasks:pending", tasks[0].task_id) == tasks[0].score
