@@ -69,8 +69,10 @@ class Fleet:
             time.sleep(0.1)
 
     def _ready(self, i: int) -> bool:
-        # The first heartbeat (with `load`) follows the executor child's start.
-        return bool(self.r.hexists(Keys(self.prefix).worker(f"bench-{i}"), "load"))
+        # Registered at once; ready once its executor child has started.
+        raw = self.r.hget(Keys(self.prefix).worker(f"bench-{i}"), "executor_states")
+        states = json.loads(raw) if raw else {}
+        return bool(states) and all(s["state"] == "ready" for s in states.values())
 
     def _spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as fh:
@@ -98,7 +100,7 @@ def spec(run_id: str, i: int, latency: bool = False) -> dict[str, Any]:
     return {
         "spec": {
             "taskType": "bench_noop",
-            "echo": {"message": {"run": run_id, "i": i, "t": time.time(), "latency": latency}},
+            "bench_noop": {"run": run_id, "i": i, "t": time.time(), "latency": latency},
         }
     }
 
@@ -132,7 +134,7 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
     results: list[float] = []
     for i in range(-20, n):  # the first 20 warm up
         body = spec(run_id, i, latency=True)
-        submitted = body["spec"]["echo"]["message"]["t"] = time.time()
+        submitted = body["spec"]["bench_noop"]["t"] = time.time()
         task_id = fleet.client.submit(body)[0]["task_id"]
         # Long poll: the reply comes when the task has ended (no client-side polling).
         status = fleet.client.task(task_id, wait=30)["status"]

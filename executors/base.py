@@ -1,18 +1,32 @@
 """The executor interface: what a third party implements to add a kind of work.
 
-An executor lives in a worker's supervised child process, one instance per
-child, so whatever it loads in `setup` or caches in `run` (models, tokenizers)
-stays warm between tasks. `run` may be called from several threads at once, up
-to `max_concurrency`; an executor that cannot share its state guards it itself.
+An executor is a class with a handful of methods: `setup(config)` once per process,
+`run(task)` (a thread per task) or `async arun(task)` (awaited side by side on the
+child's event loop, so an engine such as vLLM batches concurrent tasks itself),
+`health()` and `close()`. It declares, as class attributes:
 
-A minimal plugin:
+- `options`: a pydantic model for its own part of the spec, `spec.<section>` (the
+  section is `name` unless `section` says otherwise). The orchestrator validates a
+  submitted spec against it, so importing the executor's module must stay light:
+  heavy imports go inside methods.
+- `isolation`: `"shared"` (one warm child process serves every task, models stay loaded)
+  or `"task"` (a fresh process per task, whose memory goes back to the system after it).
+- `max_concurrency`: tasks one child runs at once (threads for `run`, coroutines for
+  `arun`).
+
+A minimal plugin, registered in its package's pyproject under
+`[project.entry-points."flowmesh.executors"]`:
+
+    class ShoutOptions(BaseModel):
+        text: str
 
     class Shout(Executor):
         name = "shout"
+        options = ShoutOptions
         def run(self, task):
-            return {"text": str(task.spec.echo.message).upper()}
+            return {"text": task.options.text.upper()}
 
-registered in its package's pyproject under `[project.entry-points."flowmesh.executors"]`.
+Executors get their settings in `setup(config)` and read no environment.
 """
 
 from __future__ import annotations
@@ -20,12 +34,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from flowmesh.spec import TaskBody, TaskSpec
+from pydantic import BaseModel, ValidationError
+
+from flowmesh.spec import TaskBody, TaskSpec, field_path
+
+Isolation = Literal["shared", "task"]
 
 
 class ExecutorError(Exception):
@@ -59,14 +77,35 @@ class MissingExtra(ExecutorError):
         )
 
 
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """What the worker tells an executor's process once, at `setup`.
+
+    `devices`: the CUDA ordinals this process may use (its CUDA_VISIBLE_DEVICES is set to
+    the GPUs they stand for before the executor is imported); empty on a CPU-only worker.
+    """
+
+    worker_id: str
+    devices: tuple[int, ...] = ()
+    max_warm_models: int = 2
+
+
 @dataclass
 class TaskContext:
-    """What an executor gets for one attempt of one task."""
+    """What an executor gets for one attempt of one task.
+
+    `work_dir` is this attempt's own directory: files the executor writes under
+    `artifacts_dir` become the task's `artifacts/` when the attempt is the one that counts.
+    `devices` are the CUDA ordinals (in this process) assigned to the task; nobody else
+    holds them while it runs, unless its executor shares devices between its tasks.
+    """
 
     task_id: str
     attempt: int
     spec: TaskSpec
-    output_dir: Path
+    work_dir: Path
+    options: Any = None
+    devices: tuple[int, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     log: logging.Logger | logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.getLogger("executors")
@@ -76,6 +115,10 @@ class TaskContext:
     def body(self) -> TaskBody:
         return self.spec.spec
 
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.work_dir / "artifacts"
+
 
 class Executor(ABC):
     name: ClassVar[str]
@@ -83,8 +126,23 @@ class Executor(ABC):
     # extra that installs them; checked before the executor is offered to the fleet.
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None
+    # The model of `spec.<section>`; None: the executor takes no options of its own.
+    options: ClassVar[type[BaseModel] | None] = None
+    section: ClassVar[str | None] = None
+    isolation: ClassVar[Isolation] = "shared"
     # How many tasks one child process runs at once.
     max_concurrency: ClassVar[int] = 1
+    # Tasks of this executor may share the GPUs they were given (a batching engine that
+    # holds one model for all of them); otherwise every GPU is given whole to one task.
+    shares_devices: ClassVar[bool] = False
+
+    @classmethod
+    def options_section(cls) -> str:
+        return cls.section or cls.name
+
+    @classmethod
+    def is_async(cls) -> bool:
+        return cls.arun is not Executor.arun
 
     @classmethod
     def missing(cls) -> MissingExtra | None:
@@ -93,20 +151,71 @@ class Executor(ABC):
         return MissingExtra(cls.name, absent, cls.extra) if absent else None
 
     @classmethod
+    def check_options(cls, body: TaskBody, where: str = "spec") -> list[tuple[str, str]]:
+        """The executor's own section against its options model, and any field the core
+        spec does not know as an error naming the section the executor does take."""
+        problems: list[tuple[str, str]] = []
+        section = cls.options_section() if cls.options is not None else None
+        extra = body.model_extra or {}
+        for key in extra:
+            if key != section:
+                hint = (
+                    f"executor {cls.name!r} takes its options under {where}.{section}"
+                    if section
+                    else f"executor {cls.name!r} takes no options section"
+                )
+                problems.append((f"{where}.{key}", f"Extra inputs are not permitted: {hint}"))
+        if section is not None and cls.options is not None and section in extra:
+            raw = extra[section]
+            try:
+                cls.options.model_validate(raw)
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    problems.append((field_path(err["loc"], f"{where}.{section}"), err["msg"]))
+            if isinstance(raw, dict) and cls.options.model_config.get("extra") != "allow":
+                # pydantic ignores unknown keys by default; a spec's never are.
+                known = set(cls.options.model_fields)
+                known |= {f.alias for f in cls.options.model_fields.values() if f.alias}
+                for key in raw:
+                    if key not in known and cls.options.model_config.get("extra") != "forbid":
+                        problems.append(
+                            (f"{where}.{section}.{key}", "Extra inputs are not permitted")
+                        )
+        return problems
+
+    @classmethod
+    def parse_options(cls, body: TaskBody) -> Any:
+        """`spec.<section>` as the executor's options model (None without a model);
+        PermanentError naming every bad field."""
+        problems = cls.check_options(body)
+        if problems:
+            raise PermanentError("; ".join(f"{path}: {msg}" for path, msg in problems))
+        if cls.options is None:
+            return None
+        return cls.options.model_validate((body.model_extra or {}).get(cls.options_section()) or {})
+
+    @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
-        """Problems with a spec this executor would get, as (field path, message).
+        """Problems with a spec this executor would get beyond its options model, as
+        (field path, message): rules that span sections (a model and prompts both given).
 
         Runs in the orchestrator at submit time, without the executor's heavy
         dependencies, so a spec that can never run is rejected before it is stored.
         """
         return []
 
-    def setup(self) -> None:
+    def setup(self, config: ExecutorConfig) -> None:
         """Called once in the child process before the first task."""
 
-    @abstractmethod
     def run(self, task: TaskContext) -> dict[str, Any]:
         """Do the work; return a JSON-serialisable result. Raise ExecutorError to fail."""
+        raise NotImplementedError(f"executor {self.name!r} implements neither run nor arun")
+
+    async def arun(self, task: TaskContext) -> dict[str, Any]:
+        """`run` for executors that await: concurrent tasks are awaited side by side on
+        the child's event loop. Cancelling the task (cancel, timeout) cancels this
+        coroutine; the executor aborts just that task and stays loaded."""
+        raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
         """Reported with heartbeats; `loaded_models` is used by the scheduler."""

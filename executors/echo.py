@@ -4,27 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from executors.base import Executor, TaskContext
-from flowmesh.spec import TaskBody
+
+
+class EchoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    delaySec: float = Field(0.0, ge=0, le=86_400)
+    message: Any = None
 
 
 class EchoExecutor(Executor):
     name = "echo"
+    options = EchoOptions
     max_concurrency = 256
 
-    @classmethod
-    def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
-        return []
-
     def run(self, task: TaskContext) -> dict[str, Any]:
+        options: EchoOptions = task.options
         body = task.body
-        options = body.echo
-        delay = options.delaySec if options else 0.0
         # Wait on the cancel event rather than sleeping, so a cancel ends the wait.
-        if delay and task.cancelled.wait(delay):
+        if options.delaySec and task.cancelled.wait(options.delaySec):
             return {"cancelled": True}
         return {
-            "message": options.message if options else None,
+            "message": options.message,
             "items": body.data.items if body.data else [],
-            "delaySec": delay,
+            "delaySec": options.delaySec,
         }

@@ -7,7 +7,6 @@ validate specs at submit time, where the `inference` extra need not be installed
 from __future__ import annotations
 
 import gc
-import os
 import re
 import threading
 import time
@@ -16,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executors.base import Executor, PermanentError, RetryableError, TaskContext
-from flowmesh.spec import InferenceOptions, ModelSpec, TaskBody
+from pydantic import BaseModel, ConfigDict, Field
+
+from executors.base import Executor, ExecutorConfig, PermanentError, RetryableError, TaskContext
+from flowmesh.spec import ModelSpec, TaskBody
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +30,20 @@ _NOT_FOUND = re.compile(
     r"not a valid (model|git) identifier|is not a local folder|does not appear to have|"
     r"Repo id must|\b404\b"
 )
+
+
+class InferenceOptions(BaseModel):
+    """`spec.inference`: sampling and batching."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    system_prompt: str | None = None
+    batch_size: int = Field(8, ge=1, le=4096)
+    seed: int | None = None
 
 
 @dataclass
@@ -73,19 +88,17 @@ class TransformersInferenceExecutor(Executor):
     name = "inference"
     requires = ("torch", "transformers")
     extra = "inference"
+    options = InferenceOptions
     # Tasks wait on the lock here rather than in Redis, so a warm model serves them in turn.
     max_concurrency = 4
 
-    def __init__(self, max_warm_models: int | None = None) -> None:
-        if max_warm_models is None:
-            max_warm_models = int(os.environ.get("MAX_WARM_MODELS", "2"))
-        if max_warm_models < 1:
-            raise ValueError(f"MAX_WARM_MODELS must be at least 1, got {max_warm_models}")
+    def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
         self._models: OrderedDict[tuple[str, str | None, str], _Loaded] = OrderedDict()
         # Read by health() on the heartbeat thread while run() may hold the lock for minutes.
         self._warm_ids: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        self._device_index = 0
 
     @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
@@ -100,13 +113,19 @@ class TransformersInferenceExecutor(Executor):
                 problems.append((f"spec.data.items[{i}]", problem))
         return problems
 
+    def setup(self, config: ExecutorConfig) -> None:
+        if config.max_warm_models < 1:
+            raise ValueError(f"MAX_WARM_MODELS must be at least 1, got {config.max_warm_models}")
+        self.max_warm_models = config.max_warm_models
+        self._device_index = config.devices[0] if config.devices else 0
+
     def run(self, task: TaskContext) -> dict[str, Any]:
         body = task.body
         problems = self.validate_spec(body)
         if problems or body.model is None or body.data is None:
             raise PermanentError("; ".join(f"{path}: {msg}" for path, msg in problems))
         identifier = body.model.source.identifier
-        opts = body.inference or InferenceOptions()
+        opts: InferenceOptions = task.options or InferenceOptions()
         items = body.data.items
         if not self._acquire(task.cancelled):
             return {"model": identifier, "responses": [], "cancelled": True}
@@ -190,7 +209,7 @@ class TransformersInferenceExecutor(Executor):
             if not path.is_dir():
                 raise PermanentError(f"model {identifier!r} not found: no such local directory")
             source = str(path)
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{self._device_index}" if torch.cuda.is_available() else "cpu"
         if spec.dtype != "auto":
             dtype = getattr(torch, spec.dtype)
         elif device == "cpu":

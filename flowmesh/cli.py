@@ -89,12 +89,22 @@ def cmd_workers(args: argparse.Namespace, console: Console) -> int:
     for w in workers:
         hw = w["hardware"]
         gpus = ", ".join(g["name"] for g in hw.get("gpus", [])) or "no GPU"
+        states = w.get("executor_states", {})
+        executors = ",".join(
+            f"{name}({states[name]['state']})" if name in states else name
+            for name in w["executors"]
+        )
         console.print(
             f"{w['worker_id']}  {w['status']:<8} alive={w['alive']} "
             f"{hw.get('cpu_count')} CPU {hw.get('memory_total', 0) / 2**30:.1f} GiB {gpus}  "
-            f"executors={','.join(w['executors'])} tags={','.join(w['tags']) or '-'} "
+            f"executors={executors} tags={','.join(w['tags']) or '-'} "
             f"running={w['running']}/{w['slots']}"
         )
+        for name, state in states.items():
+            if state.get("reason"):
+                console.print(
+                    f"  executor {name} {state['state']}: {state['reason']}", markup=False
+                )
     return 0
 
 

@@ -110,21 +110,6 @@ class DataSpec(StrictModel):
     items: list[Any] = Field(default_factory=list, max_length=100_000)
 
 
-class InferenceOptions(StrictModel):
-    max_tokens: int = Field(128, ge=1, le=32768)
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    system_prompt: str | None = None
-    batch_size: int = Field(8, ge=1, le=4096)
-    seed: int | None = None
-
-
-class EchoOptions(StrictModel):
-    delaySec: float = Field(0.0, ge=0, le=86_400)
-    message: Any = None
-
-
 class OutputDestination(StrictModel):
     type: Literal["local", "http"] = "local"
     path: str | None = None
@@ -136,17 +121,19 @@ class OutputSpec(StrictModel):
     artifacts: list[str] = Field(default_factory=list)
 
 
-class TaskBody(StrictModel):
+class TaskBody(BaseModel):
+    """The fields every task has. Each executor owns one more section, `spec.<section>`
+    (`spec.echo`, `spec.inference`, `spec.training`, ...), declared by its options model:
+    such a section passes this model as an extra field and is validated against the
+    executor's model at submit (`orchestrator.documents`); any other unknown field is an
+    error there."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
     taskType: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$")
     resources: Resources = Field(default_factory=Resources)
     model: ModelSpec | None = None
     data: DataSpec | None = None
-    inference: InferenceOptions | None = None
-    echo: EchoOptions | None = None
-    # Sections owned by executors of later stages (training, checkpoints); their
-    # executors validate them at submit time through `Executor.validate_spec`.
-    training: dict[str, Any] | None = None
-    checkpoint: dict[str, Any] | None = None
     output: OutputSpec | None = None
     priority: int = Field(0, ge=-1000, le=1000)
     timeoutSec: float | None = Field(None, gt=0, le=7 * 86_400)
@@ -176,7 +163,7 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{path}: {msg}" if path else msg for path, msg in problems))
 
 
-def _path(loc: tuple[Any, ...], prefix: str) -> str:
+def field_path(loc: tuple[Any, ...], prefix: str) -> str:
     out = prefix
     for part in loc:
         if isinstance(part, int):
@@ -197,7 +184,7 @@ def parse_task(document: Any, prefix: str = "") -> TaskSpec:
         problems = []
         for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-            problems.append((_path(loc, prefix), err["msg"]))
+            problems.append((field_path(loc, prefix), err["msg"]))
         raise SpecError(problems) from None
 
 

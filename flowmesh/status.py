@@ -57,3 +57,11 @@ class WorkerStatus(StrEnum):
     DRAINING = "draining"
     STOPPED = "stopped"
     LOST = "lost"  # stopped heartbeating; its tasks were re-placed
+
+
+class ExecutorState(StrEnum):
+    """An executor on one worker, as its record shows it; tasks are placed only on READY."""
+
+    STARTING = "starting"  # its process is starting (imports, model load in setup)
+    READY = "ready"
+    FAILED = "failed"  # setup failed; `reason` says why, and the worker tries again later

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import re
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -16,7 +14,8 @@ from fastapi.responses import JSONResponse
 
 from executors.base import Executor
 from executors.registry import entry_points_by_name, load
-from flowmesh.spec import CATALOG_TASK_TYPES, SpecError, TaskBody
+from flowmesh import workers
+from flowmesh.spec import CATALOG_TASK_TYPES, SpecError
 from flowmesh.status import TaskStatus
 from orchestrator.documents import BodyError, decode, validate
 from orchestrator.fleet import Fleet
@@ -49,15 +48,15 @@ def fleet(request: Request) -> Fleet:
 
 
 @functools.cache
-def _executor_check(task_type: str) -> Callable[[TaskBody], list[tuple[str, str]]] | None:
-    """The installed executor's own spec check, or None when it is not installed here."""
+def _executor(task_type: str) -> type[Executor] | None:
+    """The executor class installed here (for its options model and checks), or None
+    when it is a plugin only workers have: then its section is validated on the worker."""
     if task_type not in entry_points_by_name():
         return None
     try:
-        cls: type[Executor] = load(task_type)
+        return load(task_type)
     except (ImportError, TypeError, AttributeError):
         return None
-    return cls.validate_spec
 
 
 def _spec_error(exc: SpecError) -> JSONResponse:
@@ -86,7 +85,7 @@ async def submit_tasks(request: Request) -> Any:
         known |= view.executors
     try:
         specs = validate(
-            docs, max_batch=settings.max_batch, known_types=known, executor_checks=_executor_check
+            docs, max_batch=settings.max_batch, known_types=known, executor_of=_executor
         )
     except SpecError as exc:
         return _spec_error(exc)
@@ -227,48 +226,20 @@ async def list_tasks(
     return {"tasks": rows, "next_cursor": str(next_cursor) if next_cursor else None}
 
 
-@router.get("/workers", summary="Registered workers: hardware, tags, executors, load")
+@router.get(
+    "/workers", summary="Registered workers: hardware, tags, executors and their states, load"
+)
 async def list_workers(request: Request) -> Any:
     f = fleet(request)
-    k = f.keys
-    ids = sorted(await f.conn.smembers(k.worker_ids))
-    async with f.conn.pipeline(transaction=False) as pipe:
-        for wid in ids:
-            pipe.hgetall(k.worker(wid))
-            pipe.ttl(k.heartbeat(wid))
-        replies = await pipe.execute()
-    workers = []
     now = time.time()
-    for i in range(len(ids)):
-        raw, ttl = replies[2 * i], replies[2 * i + 1]
-        if raw:
-            workers.append(_worker_json(raw, ttl, now))
-    return {"workers": workers}
-
-
-def _worker_json(raw: dict[str, str], ttl: int, now: float) -> dict[str, Any]:
-    def j(field: str, default: Any) -> Any:
-        return json.loads(raw[field]) if raw.get(field) else default
-
-    last_seen = float(raw.get("last_seen", 0))
-    return {
-        "worker_id": raw.get("worker_id"),
-        "status": raw.get("status"),
-        "alive": ttl > 0,
-        "heartbeat_ttl_sec": max(ttl, 0),
-        "last_heartbeat": last_seen,
-        "seconds_since_heartbeat": round(now - last_seen, 3),
-        "hostname": raw.get("hostname"),
-        "hardware": j("hardware", {}),
-        "tags": j("tags", []),
-        "executors": j("executors", []),
-        "slots": int(raw.get("slots", 0)),
-        "running": int(raw.get("running", 0)),
-        "current_tasks": j("current_tasks", []),
-        "loaded_models": j("loaded_models", []),
-        "load": j("load", {}),
-        "cost_per_hour": float(raw.get("cost_per_hour", 0)),
-        "cost_accrued": float(raw.get("cost_accrued", 0)),
-        "started_at": float(raw.get("started_at", 0)),
-        "version": raw.get("version"),
-    }
+    out = []
+    for record, pttl, _tasks in await workers.read_all(f.conn, f.keys):
+        row = record.to_json()
+        ttl = max(pttl, 0) / 1000.0
+        row.update(
+            alive=pttl > 0,
+            heartbeat_ttl_sec=round(ttl, 3),
+            seconds_since_heartbeat=round(now - record.last_seen, 3),
+        )
+        out.append(row)
+    return {"workers": out}

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from flowmesh.spec import SpecError, TaskBody, TaskSpec, parse_task
+from executors.base import Executor
+from flowmesh.spec import SpecError, TaskSpec, parse_task
 
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -80,7 +81,7 @@ def validate(
     *,
     max_batch: int,
     known_types: Iterable[str],
-    executor_checks: Callable[[str], Callable[[TaskBody], list[tuple[str, str]]] | None],
+    executor_of: Callable[[str], type[Executor] | None],
 ) -> list[TaskSpec]:
     """Every document as a TaskSpec, or SpecError listing every problem with its path."""
     if not documents:
@@ -116,9 +117,10 @@ def validate(
                 )
             )
             continue
-        check = executor_checks(task_type)
-        if check is not None:
-            for path, msg in check(spec.spec):
+        cls = executor_of(task_type)
+        if cls is not None:
+            problems.extend(cls.check_options(spec.spec, where))
+            for path, msg in cls.validate_spec(spec.spec):
                 problems.append((f"{prefix}.{path}" if prefix else path, msg))
         specs.append(spec)
     if problems:

@@ -21,16 +21,30 @@ from collections.abc import Iterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from flowmesh.errors import failure
+from flowmesh import workers
+from flowmesh.events import EventType
+from flowmesh.failures import FailureKind, failure, rule
 from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
-from flowmesh.status import TaskStatus, WorkerStatus
-from flowmesh.store import EVENTS_MAXLEN, Ending, NewTask, QueueEntry, TaskStore
+from flowmesh.status import TaskStatus
+from flowmesh.store import Ending, NewTask, QueueEntry, TaskStore
 from orchestrator.scheduler import Scheduler, WorkerView
 
 log = logging.getLogger(__name__)
 
 PLAN_BATCH = 1000
+
+# Events after which the fleet snapshot is re-read at once: a worker came, changed what it
+# can run (an executor became ready or failed), or went; or a stale report freed a slot.
+REFRESH_ON = frozenset(
+    {
+        EventType.WORKER_REGISTERED,
+        EventType.WORKER_READY,
+        EventType.WORKER_STOPPED,
+        EventType.WORKER_LOST,
+        EventType.TASK_STALE,
+    }
+)
 
 
 class Fleet:
@@ -107,27 +121,16 @@ class Fleet:
     async def refresh(self) -> None:
         """Re-read every registered worker, its liveness and the tasks it holds; workers
         whose lease ran out are declared lost and their tasks re-placed."""
-        k = self.keys
-        ids = sorted(await self.conn.smembers(k.worker_ids))
-        async with self.conn.pipeline(transaction=False) as pipe:
-            for wid in ids:
-                pipe.hgetall(k.worker(wid))
-                pipe.pttl(k.heartbeat(wid))
-                pipe.smembers(k.worker_tasks(wid))
-            replies = await pipe.execute()
         views: list[WorkerView] = []
         held: dict[str, str] = {}
         lost: list[tuple[str, str, float, set[str]]] = []
-        for i, wid in enumerate(ids):
-            raw, pttl, tasks = replies[3 * i : 3 * i + 3]
-            if not raw or "inbox" not in raw:
-                continue
-            silent = self._silence(raw, pttl)
+        for record, pttl, tasks in await workers.read_all(self.conn, self.keys):
+            silent = self._silence(record.heartbeat_interval, pttl)
             if silent is not None and time.monotonic() >= self._reap_after:
-                lost.append((wid, raw["inbox"], silent, set(tasks)))
+                lost.append((record.worker_id, record.inbox, silent, tasks))
                 continue
-            views.append(WorkerView.from_hash(raw, alive=silent is None))
-            held.update({task_id: wid for task_id in tasks})
+            views.append(WorkerView.from_record(record, alive=silent is None))
+            held.update({task_id: record.worker_id for task_id in tasks})
         for wid, inbox, silent, tasks in lost:
             await self._reap(wid, inbox, silent, tasks)
         await self._sync_active(held)
@@ -136,13 +139,12 @@ class Fleet:
         self._last_refresh = time.monotonic()
         self._refresh_now = False
 
-    def _silence(self, raw: dict[str, str], pttl: int) -> float | None:
+    def _silence(self, interval: float, pttl: int) -> float | None:
         """Seconds since the worker's last beat when past its lease, else None.
 
         Measured with the heartbeat key's remaining TTL, on Redis's clock, so clock skew
         between machines cannot make a live worker look dead.
         """
-        interval = float(raw.get("heartbeat_interval") or 30)
         lease = self._lease(interval)
         if pttl is None or pttl < 0:
             return lease  # key gone: at least the lease has passed
@@ -159,7 +161,7 @@ class Fleet:
             len(tasks),
         )
         error = failure(
-            "worker_lost",
+            FailureKind.WORKER_LOST,
             f"worker {worker_id} stopped heartbeating ({silent:.1f}s)",
             type="WorkerLost",
         )
@@ -170,15 +172,17 @@ class Fleet:
             rows = await pipe.execute()
         # Lost before it started, a task cannot be what killed the worker: re-place it
         # uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss counts
-        # toward maxAttempts, as a system failure counts toward Ray's max_retries.
+        # toward maxAttempts (the rule's `charged`), as a system failure counts toward
+        # Ray's max_retries.
+        lost = rule(FailureKind.WORKER_LOST)
         endings = [
             Ending(
                 task_id,
                 int(attempt),
                 TaskStatus.FAILED,
                 error=error,
-                charge=status == TaskStatus.RUNNING.value,
-                immediate=True,
+                charge=lost.charged and status == TaskStatus.RUNNING.value,
+                immediate=lost.immediate,
             )
             for task_id, (attempt, status) in zip(ids, rows, strict=True)
             if attempt is not None
@@ -195,17 +199,7 @@ class Fleet:
                         outcome.reason,
                     )
         async with self.conn.pipeline(transaction=True) as pipe:
-            pipe.hset(k.worker(worker_id), mapping={"status": WorkerStatus.LOST.value})
-            pipe.expire(k.worker(worker_id), 86_400)
-            pipe.srem(k.worker_ids, worker_id)
-            pipe.delete(k.heartbeat(worker_id), k.worker_tasks(worker_id))
-            pipe.delete(inbox)
-            pipe.xadd(
-                k.events,
-                {"type": "worker.lost", "worker_id": worker_id},
-                maxlen=EVENTS_MAXLEN,
-                approximate=True,
-            )
+            workers.mark_lost(pipe, k, worker_id, inbox)
             await pipe.execute()
         self._refresh_now = True
 
@@ -346,17 +340,17 @@ class Fleet:
         requeued: list[str] = []
         for _, fields in entries:
             kind = fields.get("type", "")
-            if kind == "task.finished":
+            if kind == EventType.TASK_FINISHED:
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 self._notify(fields["task_id"])
                 self.wake()
-            elif kind == "task.retry":
+            elif kind == EventType.TASK_RETRY:
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 requeued.append(fields["task_id"])
-            elif kind == "task.cancelled":
+            elif kind == EventType.TASK_CANCELLED:
                 self.scheduler.discard_pending(fields["task_id"])
                 self._notify(fields["task_id"])
-            elif kind in ("worker.registered", "worker.stopped", "worker.lost", "task.stale"):
+            elif kind in REFRESH_ON:
                 self.wake(refresh=True)
         if requeued:
             await self._enqueue(requeued)

@@ -1,7 +1,8 @@
 """Placement: which worker runs which pending task. Pure, in memory, no I/O.
 
 Hard filters: the worker offers the executor, has the tags, has the hardware
-(GPU count/type/VRAM, CPU, RAM), is alive and taking work, and has a free slot.
+(GPU count/type/VRAM, CPU, RAM), is alive and taking work, its executor for the
+task is ready (not starting, not failed), and it has a free slot.
 Soft score among those: model already loaded (warm) > lower load > lower cost.
 Queue order: priority, then age. Tasks with equal requirements share one queue,
 so one check decides for all of them and a blocked kind never holds up another.
@@ -11,14 +12,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowmesh.spec import Requirements
-from flowmesh.status import WorkerStatus
+from flowmesh.status import ExecutorState, WorkerStatus
 from flowmesh.store import QueueEntry
+from flowmesh.workers import ExecutorStatus, WorkerRecord
 
 TAKING_WORK = frozenset({WorkerStatus.IDLE.value, WorkerStatus.BUSY.value})
 
@@ -44,6 +45,9 @@ class WorkerView:
     cost_per_hour: float = 1.0
     loaded_models: frozenset[str] = frozenset()
     heartbeat_interval: float = 30.0
+    # Executors tasks may be placed for now; None: every executor offered.
+    ready: frozenset[str] | None = None
+    executor_states: dict[str, ExecutorStatus] = field(default_factory=dict)
     running: int = 0
     used_cpu: float = 0.0
     used_memory: int = 0
@@ -52,23 +56,28 @@ class WorkerView:
     version: int = 0
 
     @classmethod
-    def from_hash(cls, raw: dict[str, str], alive: bool) -> WorkerView:
-        hw: dict[str, Any] = json.loads(raw.get("hardware") or "{}")
+    def from_record(cls, record: WorkerRecord, alive: bool) -> WorkerView:
+        hw: dict[str, Any] = record.hardware
         return cls(
-            worker_id=raw["worker_id"],
-            inbox=raw["inbox"],
-            executors=frozenset(json.loads(raw.get("executors") or "[]")),
-            tags=frozenset(json.loads(raw.get("tags") or "[]")),
+            worker_id=record.worker_id,
+            inbox=record.inbox,
+            executors=frozenset(record.executors),
+            tags=frozenset(record.tags),
             cpu=float(hw.get("cpu_count", 0)),
             memory=int(hw.get("memory_total", 0)),
             gpus=tuple(GpuView(g["name"], int(g["memory_total"])) for g in hw.get("gpus", [])),
-            slots=int(raw.get("slots", 0)),
-            status=raw.get("status", ""),
+            slots=record.slots,
+            status=record.status,
             alive=alive,
-            cost_per_hour=float(raw.get("cost_per_hour", 1.0)),
-            loaded_models=frozenset(json.loads(raw.get("loaded_models") or "[]")),
-            heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
+            cost_per_hour=record.cost_per_hour,
+            loaded_models=frozenset(record.loaded_models),
+            heartbeat_interval=record.heartbeat_interval,
+            ready=record.ready_executors,
+            executor_states=record.executor_states,
         )
+
+    def executor_ready(self, name: str) -> bool:
+        return self.ready is None or name in self.ready
 
     def matching_gpus(self, req: Requirements) -> int:
         kind = (req.gpu_type or "").lower()
@@ -103,6 +112,7 @@ class WorkerView:
     def fits_now(self, req: Requirements) -> bool:
         return (
             self.taking_work
+            and self.executor_ready(req.executor)
             and self.running < self.slots
             and self.used_cpu + req.cpu <= self.cpu
             and self.used_memory + req.memory <= self.memory
@@ -196,7 +206,12 @@ class Scheduler:
         live = [w for w in eligible if w.taking_work]
         if not live:
             return f"all {len(eligible)} eligible worker(s) are stopped, draining or unreachable"
-        return f"waiting for a free slot or resources on {len(live)} eligible worker(s)"
+        ready = [w for w in live if w.executor_ready(req.executor)]
+        if not ready:
+            return f"waiting for executor {req.executor!r} to be ready: " + "; ".join(
+                _executor_state(w, req.executor) for w in live[:5]
+            )
+        return f"waiting for a free slot or resources on {len(ready)} eligible worker(s)"
 
     # -- tasks -------------------------------------------------------------------
     def add_pending(self, entry: QueueEntry, now: float) -> None:
@@ -334,3 +349,12 @@ class Scheduler:
 
     def blocked_tasks(self, req: Requirements) -> list[str]:
         return [task_id for task_id, e in self.pending.items() if e.requirements == req]
+
+
+def _executor_state(w: WorkerView, name: str) -> str:
+    status = w.executor_states.get(name)
+    if status is None:
+        return f"{w.worker_id}: not reported yet"
+    if status.state is ExecutorState.FAILED:
+        return f"{w.worker_id}: failed ({status.reason})"
+    return f"{w.worker_id}: {status.state.value}"

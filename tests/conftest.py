@@ -6,6 +6,7 @@ so flushing it between tests touches nobody else's data.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -232,9 +233,13 @@ def start_worker(redis_url: str, tmp_path: Path, rdb: redis.Redis) -> Iterator[C
             def ready() -> bool:
                 if not handle.alive():
                     raise AssertionError(f"worker {worker_id} exited:\n{handle.log()}")
-                return "child process" in handle.log() and bool(
-                    rdb.sismember(f"{prefix}workers:ids", worker_id)
+                if not rdb.sismember(f"{prefix}workers:ids", worker_id):
+                    return False
+                # Registered at once; ready when no executor is still starting.
+                states = json.loads(
+                    rdb.hget(f"{prefix}worker:{worker_id}", "executor_states") or "{}"
                 )
+                return bool(states) and all(s["state"] != "starting" for s in states.values())
 
             wait_until(ready, timeout=30, what=f"worker {worker_id} to register")
         return handle
@@ -247,3 +252,22 @@ def start_worker(redis_url: str, tmp_path: Path, rdb: redis.Redis) -> Iterator[C
 @pytest.fixture
 def results_dir(tmp_path: Path) -> Path:
     return tmp_path / "results"
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path) -> Callable[[str, str, dict[str, str]], str]:
+    """Install a third-party executor package as pip would leave it: a module and its
+    `flowmesh.executors` entry points, on a directory to put on PYTHONPATH (returned)."""
+
+    def install(module: str, source: str, executors: dict[str, str]) -> str:
+        root = tmp_path / f"plugin-{module}"
+        root.mkdir()
+        (root / f"{module}.py").write_text(source)
+        dist = root / f"{module}-0.1.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+        lines = "".join(f"{name} = {module}:{cls}\n" for name, cls in executors.items())
+        (dist / "entry_points.txt").write_text("[flowmesh.executors]\n" + lines)
+        return str(root)
+
+    return install

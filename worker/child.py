@@ -1,20 +1,27 @@
 """The executor child process: one executor instance, warm between tasks.
 
 Runs in a process spawned by `worker.host`. Its main thread only reads requests
-from the pipe; tasks run on up to `max_concurrency` task threads (`TaskThreads`),
-and a finisher thread returns their results. Both directions carry batches: every
-request the worker had ready in one message, every result finished meanwhile in
-one reply (held a few milliseconds for more while the executor has a backlog), so
-a busy worker pays one pipe round trip, and one settle, for many tasks.
+from the pipe. A synchronous executor's tasks run on up to `max_concurrency` task
+threads (`TaskThreads`); an asynchronous one's are awaited side by side on one event
+loop thread, so an engine batches them itself, and a cancel cancels just that
+coroutine. A finisher thread writes each task's files and returns the results.
+Both directions carry batches: every request the worker had ready in one message,
+every result finished meanwhile in one reply (held a few milliseconds for more
+while the executor has a backlog), so a busy worker pays one pipe round trip, and
+one settle, for many tasks.
 
-The child also writes each task's `responses.json` and `manifest.json` (in its
-finisher thread, right after `run`, before the result goes back), so the worker's
-event loop does no file I/O per task. When the worker dies the pipe closes, the read
+The child also finalises each task's files (`worker.outputs.finalise`, in its finisher
+thread, right after `run`, before the result goes back), so the worker's event loop
+does no file I/O per task; an executor's log lines for a task also go to that
+attempt's `logs/executor.log`. When the worker dies the pipe closes, the read
 fails, and the child exits, so no orphan keeps a GPU busy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import json
 import logging
 import os
@@ -26,14 +33,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from executors.base import ExecutorError, TaskContext
+from executors.base import ExecutorConfig, ExecutorError, TaskContext
 from executors.registry import load
 from flowmesh.errors import failure
 from flowmesh.spec import TaskSpec
-from worker.outputs import summary, write_outputs
+from worker.outputs import attempt_dir, finalise, summary
 
 # A busy child's replies go back in batches of up to LINGER_BATCH, a finished result
 # waiting at most LINGER_SEC for the others (see `collect`).
@@ -49,9 +55,10 @@ class Request:
     task_id: str
     attempt: int
     spec: str
-    output_dir: str
+    task_dir: str  # RESULTS_DIR/<task_id>
     worker_id: str
     task_type: str
+    devices: tuple[int, ...] = ()  # CUDA ordinals in the child assigned to this task
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class Reply:
     ok: bool
     result_json: str | None
     error: dict[str, Any] | None
-    wrote: bool
+    wrote: bool  # the top-level responses.json is this attempt's and says the same
 
 
 @dataclass(frozen=True)
@@ -177,22 +184,128 @@ class TaskThreads(Generic[T]):
             thread.join()
 
 
-def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
+# The request whose code is running in this thread or coroutine: log records made
+# meanwhile, by the executor or the libraries it calls, go to that attempt's log file.
+_current: contextvars.ContextVar[Request | None] = contextvars.ContextVar("task", default=None)
+
+
+class TaskLogs(logging.Handler):
+    """Writes each record made while a task runs to `attempts/<n>/logs/executor.log` of
+    that task. The file is opened on the first line, so a quiet task creates nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._files: dict[str, Any] = {}
+        self._lock_files = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        req = _current.get()
+        if req is None:
+            return
+        try:
+            line = self.format(record) + "\n"
+            with self._lock_files:
+                fh = self._files.get(req.req_id)
+                if fh is None:
+                    logs = attempt_dir(req.task_dir, req.attempt) / "logs"
+                    logs.mkdir(parents=True, exist_ok=True)
+                    fh = self._files[req.req_id] = open(  # noqa: SIM115 - kept open per task
+                        logs / "executor.log", "a", encoding="utf-8"
+                    )
+                fh.write(line)
+                fh.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close_task(self, req_id: str) -> None:
+        with self._lock_files:
+            fh = self._files.pop(req_id, None)
+        if fh is not None:
+            fh.close()
+
+
+class AsyncRunner:
+    """Runs an async executor's tasks as coroutines on one event loop thread, up to
+    `max_concurrency` at once; a cancel cancels just that task's coroutine."""
+
+    def __init__(self, limit: int, name: str):
+        self._loop = asyncio.new_event_loop()
+        self._limit = limit
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def submit(self, req_id: str, make: Callable[[], Any]) -> None:
+        self._loop.call_soon_threadsafe(self._start, req_id, make)
+
+    def _start(self, req_id: str, make: Callable[[], Any]) -> None:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self._limit)
+        task = self._loop.create_task(self._run(make))
+        self._tasks[req_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(req_id, None))
+
+    async def _run(self, make: Callable[[], Any]) -> None:
+        assert self._semaphore is not None
+        async with self._semaphore:
+            await make()
+
+    def cancel(self, req_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, req_id)
+
+    def _cancel(self, req_id: str) -> None:
+        task = self._tasks.get(req_id)
+        if task is not None:
+            task.cancel()
+
+    def join(self) -> None:
+        """Wait for every submitted task, then stop the loop."""
+
+        async def drain() -> None:
+            while self._tasks:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(drain(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+
+def _result_or_error(result: Any) -> tuple[str | None, dict[str, Any] | None]:
+    try:
+        return json.dumps(result), None  # what cannot be stored fails here
+    except (TypeError, ValueError) as exc:
+        return None, failure(
+            "bad_result", f"executor returned a result that is not JSON: {exc}", retryable=False
+        )
+
+
+def child_main(
+    conn: Connection,
+    executor_name: str,
+    log_level: str,
+    config: ExecutorConfig,
+    cuda_visible: str | None,
+) -> None:
     # A Ctrl-C or SIGTERM sent to the whole process group (a terminal, `timeout`, a
     # container runtime) is for the worker, which drains and then stops us itself; dying
     # here at once would fail the running tasks instead of letting them finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)-7s executor[{executor_name}] %(name)s: %(message)s",
-    )
-    log = logging.getLogger("worker.child")
+    if cuda_visible is not None:
+        # Before the executor (and torch) is imported: CUDA reads it once, at its start.
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
+    fmt = f"%(asctime)s %(levelname)-7s executor[{executor_name}] %(name)s: %(message)s"
+    logging.basicConfig(level=log_level, format=fmt)
+    task_logs = TaskLogs()
+    task_logs.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(task_logs)
+    log = logging.getLogger(f"executors.{executor_name}")
 
     try:
         cls = load(executor_name)
         executor = cls()
-        executor.setup()
+        executor.setup(config)
     except Exception as exc:  # reported to the parent, which fails the tasks waiting for it
         conn.send(("setup_failed", describe_failure(exc)))
         return
@@ -205,40 +318,29 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
             return {}
 
     conn.send(("ready", safe_health()))
-
     cancels: dict[str, threading.Event] = {}
     finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
 
-    def run_one(req: Request) -> None:
-        """Run one task and always hand it to the finisher, whatever fails."""
-        cancelled = cancels[req.req_id]
-        started_at, t0 = time.time(), time.monotonic()
-        result: Any = None
-        result_json: str | None = None
-        error: dict[str, Any] | None = None
-        try:
-            ctx = TaskContext(
-                task_id=req.task_id,
-                attempt=req.attempt,
-                spec=TaskSpec.model_validate_json(req.spec),
-                output_dir=Path(req.output_dir),
-                cancelled=cancelled,
-                log=logging.LoggerAdapter(log, {"task_id": req.task_id}),
-            )
-            result = executor.run(ctx)
-            try:
-                result_json = json.dumps(result)  # what cannot be stored fails here
-            except (TypeError, ValueError) as exc:
-                result, error = (
-                    None,
-                    failure(
-                        "bad_result",
-                        f"executor returned a result that is not JSON: {exc}",
-                        retryable=False,
-                    ),
-                )
-        except BaseException as exc:  # every failure goes back to the parent, typed
-            error = describe_failure(exc)
+    def context(req: Request) -> TaskContext:
+        spec = TaskSpec.model_validate_json(req.spec)
+        return TaskContext(
+            task_id=req.task_id,
+            attempt=req.attempt,
+            spec=spec,
+            work_dir=attempt_dir(req.task_dir, req.attempt),
+            options=cls.parse_options(spec.spec),
+            devices=req.devices,
+            cancelled=cancels[req.req_id],
+            log=logging.LoggerAdapter(log, {"task_id": req.task_id, "attempt": req.attempt}),
+        )
+
+    def hand_over(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
+        """Give the finisher a task's outcome, whatever it is."""
+        result_json = None
+        if error is None:
+            result_json, error = _result_or_error(result)
+            if error is not None:
+                result = None
         responses = summary(
             task_id=req.task_id,
             attempt=req.attempt,
@@ -249,27 +351,56 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
             result=result,
             error=error,
         )
-        finished.put(Finished(req, cancelled, responses, result_json, error))
+        finished.put(Finished(req, cancels[req.req_id], responses, result_json, error))
+
+    def run_one(req: Request) -> None:
+        """Run one task on this thread."""
+        started_at, t0 = time.time(), time.monotonic()
+        result: Any = None
+        error: dict[str, Any] | None = None
+        token = _current.set(req)
+        try:
+            result = executor.run(context(req))
+        except BaseException as exc:  # every failure goes back to the parent, typed
+            error = describe_failure(exc)
+        finally:
+            _current.reset(token)
+        hand_over(req, started_at, t0, result, error)
+
+    async def arun_one(req: Request) -> None:
+        """Await one task on the event loop; a cancel cancels just this coroutine."""
+        started_at, t0 = time.time(), time.monotonic()
+        result: Any = None
+        error: dict[str, Any] | None = None
+        _current.set(req)  # this coroutine's own context
+        try:
+            result = await executor.arun(context(req))
+        except asyncio.CancelledError:
+            error = failure("cancelled", "stopped by the worker", retryable=False, charge=False)
+        except BaseException as exc:
+            error = describe_failure(exc)
+        hand_over(req, started_at, t0, result, error)
 
     def finish(done: Finished) -> Reply:
-        wrote = False
+        task_logs.close_task(done.request.req_id)
         result_json, error = done.result_json, done.error
-        # A stopped attempt (timeout, cancel, superseded) is recorded by the worker, which
-        # knows why it stopped it; it must not overwrite the live attempt's outputs.
-        if not done.cancelled.is_set():
-            try:
-                write_outputs(done.request.output_dir, done.responses)
-                wrote = True
-            except Exception as exc:  # disk full, say: a fault of the worker, retried
-                error = failure("worker_error", f"writing outputs failed: {exc}")
-                result_json = None
+        wrote = False
+        try:
+            # A stopped attempt (timeout, cancel, superseded) is recorded by the worker,
+            # which knows why it stopped it; its files never replace the live attempt's.
+            wrote = finalise(
+                done.request.task_dir, done.responses, counts=not done.cancelled.is_set()
+            )
+        except Exception as exc:  # disk full, say: a fault of the worker, retried
+            error = failure("worker_error", f"writing outputs failed: {exc}")
+            result_json = None
         cancels.pop(done.request.req_id, None)
         return Reply(done.request.req_id, error is None, result_json, error, wrote)
 
     def finisher() -> None:
-        """Write the outputs of finished tasks one after another (file creation in one
-        directory from many threads at once costs the kernel twice as much) and send
-        their replies in batches, with health once per batch (see `collect`)."""
+        """Finalise finished tasks one after another (file creation in one directory
+        from many threads at once costs the kernel twice as much) and send their
+        replies in batches, with health once per batch (see `collect`)."""
         while True:
             first = finished.get()
             if first is None:
@@ -283,7 +414,12 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
 
     sender = threading.Thread(target=finisher, name="finisher", daemon=True)
     sender.start()
-    pool = TaskThreads(cls.max_concurrency, run_one, f"{executor_name}-task")
+    runner: AsyncRunner | None = None
+    pool: TaskThreads[Request] | None = None
+    if cls.is_async():
+        runner = AsyncRunner(cls.max_concurrency, f"{executor_name}-loop")
+    else:
+        pool = TaskThreads(cls.max_concurrency, run_one, f"{executor_name}-task")
     while True:
         try:
             message = conn.recv()
@@ -293,14 +429,23 @@ def child_main(conn: Connection, executor_name: str, log_level: str) -> None:
         if message[0] == "run":
             for req in message[1]:
                 cancels[req.req_id] = threading.Event()
-                pool.submit(req)
+                if runner is not None:
+                    runner.submit(req.req_id, functools.partial(arun_one, req))
+                else:
+                    assert pool is not None
+                    pool.submit(req)
         elif message[0] == "cancel":
             event = cancels.get(message[1])
             if event is not None:
                 event.set()
+                if runner is not None:
+                    runner.cancel(message[1])
         elif message[0] == "stop":
             break
-    pool.join()
+    if runner is not None:
+        runner.join()
+    if pool is not None:
+        pool.join()
     finished.put(None)
     sender.join()
     executor.close()

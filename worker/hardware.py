@@ -53,6 +53,10 @@ class Nvml:
         except pynvml.NVMLError as exc:  # no driver, or no libnvidia-ml on this machine
             log.info("no NVIDIA GPUs visible (NVML: %s)", exc)
 
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
     def gpus(self) -> list[Gpu]:
         if self._nvml is None:
             return []

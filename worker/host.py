@@ -1,8 +1,12 @@
 """Supervises executor child processes: start, hand out tasks, notice crashes, restart.
 
-One child per executor, spawned (not forked) so CUDA and threads start clean.
-A crash of the child fails only the tasks it held, as `crash`; the next task
-starts a new child. The worker process itself never runs executor code.
+Children are spawned (not forked) so CUDA and threads start clean. An executor with
+`isolation = "shared"` gets one warm child, started in the background when the worker
+starts and started again when it dies; its state (starting, ready, failed with why) is
+what the worker's record shows and what placement waits for. An executor with
+`isolation = "task"` gets a fresh child per task, given only that task's GPUs, so its
+memory goes back to the system when the task ends. A crash of a child fails only the
+tasks it held, as `crash`. The worker process itself never runs executor code.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ import contextlib
 import logging
 import multiprocessing as mp
 import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from executors.base import Executor, ExecutorConfig
 from flowmesh.errors import failure
+from flowmesh.status import ExecutorState
+from flowmesh.workers import ExecutorStatus
 from worker.child import Reply, Request, child_main
+from worker.devices import cuda_visible_devices
+from worker.hardware import Gpu
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +41,13 @@ INTERRUPTED = failure(
     type="ExecutorInterrupted",
     charge=False,
 )
+# Setup is retried with this backoff (doubling) while it keeps failing.
+SETUP_RETRY_SEC = (5.0, 300.0)
 
 
 class ExecutorFailure(Exception):
     """A task's attempt failed; `info` is the recorded error (kind, message, retryable).
-    `wrote`: the child already wrote this failure to responses.json."""
+    `wrote`: the child already wrote this failure to the top-level responses.json."""
 
     def __init__(self, info: dict[str, Any], wrote: bool = False):
         self.info = info
@@ -42,13 +55,38 @@ class ExecutorFailure(Exception):
         super().__init__(f"{info.get('kind')}: {info.get('message')}")
 
 
+def _not_ready(name: str, why: str) -> ExecutorFailure:
+    """The task reached an executor that could not start: not the task's fault, so it is
+    re-placed at once, uncharged, on a worker whose executor is ready."""
+    return ExecutorFailure(
+        failure(
+            "executor_failed",
+            f"executor {name!r} is not available on this worker: {why}",
+            type="ExecutorNotReady",
+            charge=False,
+        )
+    )
+
+
 class ExecutorProcess:
     """One child process running one executor; several tasks may be in it at once."""
 
-    def __init__(self, name: str, log_level: str):
+    def __init__(
+        self,
+        name: str,
+        log_level: str,
+        config: ExecutorConfig,
+        cuda_visible: str | None = None,
+        on_state: Callable[[], None] | None = None,
+    ):
         self.name = name
         self.log_level = log_level
+        self.config = config
+        self.cuda_visible = cuda_visible
         self.health: dict[str, Any] = {}
+        self.status = ExecutorStatus(ExecutorState.STARTING, time.time())
+        self._on_state = on_state
+        self._changed = asyncio.Event()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -69,7 +107,25 @@ class ExecutorProcess:
     def alive(self) -> bool:
         return self._proc is not None and not self._eof
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def set_state(self, state: ExecutorState, reason: str | None = None) -> None:
+        if state is self.status.state and reason == self.status.reason:
+            return
+        self.status = ExecutorStatus(state, time.time(), reason)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if state is ExecutorState.FAILED:
+            log.error("executor %s failed to start: %s", self.name, reason)
+        else:
+            log.info("executor %s %s", self.name, state.value)
+        if self._on_state is not None:
+            self._on_state()
+
     async def ensure_started(self) -> None:
+        """Start the child unless it runs or is starting; returns once it is ready."""
         if self._ready is not None and not self._ready.done():
             await self._ready
             return
@@ -87,7 +143,7 @@ class ExecutorProcess:
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
             target=child_main,
-            args=(child, self.name, self.log_level),
+            args=(child, self.name, self.log_level, self.config, self.cuda_visible),
             name=f"flowmesh-executor-{self.name}",
             daemon=True,
         )
@@ -100,9 +156,22 @@ class ExecutorProcess:
         log.info("executor %s: child process %s started", self.name, proc.pid)
         await self._ready
 
+    async def wait_ready(self) -> None:
+        """Until the supervised child is ready; ExecutorFailure when its setup failed."""
+        while True:
+            if self.status.state is ExecutorState.READY and self.alive:
+                return
+            if self.status.state is ExecutorState.FAILED:
+                raise _not_ready(self.name, self.status.reason or "setup failed")
+            await self._changed.wait()
+
+    async def exited(self) -> None:
+        """Until the current child has exited and its tasks have been failed over."""
+        if self._exit_handled is not None:
+            await self._exit_handled.wait()
+
     async def run(self, request: Request) -> Reply:
-        """Run one task in the child; raises ExecutorFailure with the recorded error."""
-        await self.ensure_started()
+        """Run one task in the (started) child; raises ExecutorFailure with the error."""
         assert self._loop is not None
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[request.req_id] = future
@@ -122,7 +191,8 @@ class ExecutorProcess:
                 self._conn.send(("run", batch))
 
     def cancel(self, req_id: str) -> None:
-        """Ask the executor to stop (sets the task's `cancelled` event); it may not listen."""
+        """Ask the executor to stop the task (sets its `cancelled` event; an async
+        executor's coroutine is cancelled); it may not listen."""
         if self._conn is not None and req_id in self._pending:
             self._flush()  # the request itself must reach the child before its cancel
             with contextlib.suppress(OSError):
@@ -192,7 +262,8 @@ class ExecutorProcess:
         code = proc.exitcode
         reasons, self._kill_reasons = self._kill_reasons, None
         if reasons is None:
-            log.warning("executor %s: child %s exited with code %s", self.name, proc.pid, code)
+            if self._ready is not None and self._ready.done():
+                log.warning("executor %s: child %s exited with code %s", self.name, proc.pid, code)
             default = failure(
                 "crash",
                 f"executor {self.name!r} process exited with code {code}",
@@ -216,22 +287,122 @@ class ExecutorProcess:
 
 
 class ExecutorHost:
-    """All executor children of one worker, by executor name."""
+    """All executor children of one worker, by executor name.
 
-    def __init__(self, names: list[str], log_level: str):
-        self.procs = {name: ExecutorProcess(name, log_level) for name in names}
+    `gpus` are the worker's usable GPUs (WORKER_GPUS applied); a shared child sees all of
+    them (CUDA ordinal i is gpus[i]), a per-task child only the task's own.
+    """
 
-    async def start(self) -> None:
-        results = await asyncio.gather(
-            *(p.ensure_started() for p in self.procs.values()), return_exceptions=True
+    def __init__(
+        self,
+        executors: dict[str, type[Executor]],
+        *,
+        worker_id: str,
+        log_level: str,
+        gpus: list[Gpu],
+        gpus_known: bool,
+        max_warm_models: int,
+        on_change: Callable[[], None] | None = None,
+    ):
+        self.classes = executors
+        self.worker_id = worker_id
+        self.log_level = log_level
+        self.gpus = gpus
+        # Without NVML we do not know the GPUs, so CUDA_VISIBLE_DEVICES is left as it is.
+        self.gpus_known = gpus_known
+        self.max_warm_models = max_warm_models
+        self._on_change = on_change
+        self.procs: dict[str, ExecutorProcess] = {}
+        self._isolated: dict[str, ExecutorProcess] = {}  # req_id -> its own child
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._stopping = False
+        all_gpus = cuda_visible_devices(gpus) if gpus_known else None
+        for name, cls in executors.items():
+            if cls.isolation == "shared":
+                config = ExecutorConfig(
+                    worker_id, tuple(range(len(gpus))), max_warm_models=max_warm_models
+                )
+                self.procs[name] = ExecutorProcess(
+                    name, log_level, config, all_gpus, on_state=on_change
+                )
+
+    def start(self) -> None:
+        """Start every shared child in the background; states report their progress."""
+        for proc in self.procs.values():
+            self._supervisors.append(
+                asyncio.create_task(self._supervise(proc), name=f"supervise-{proc.name}")
+            )
+
+    async def _supervise(self, proc: ExecutorProcess) -> None:
+        """Keep one warm child running: start it, restart it when it dies, retry a failed
+        setup with backoff (the reason stays visible in the worker's record meanwhile)."""
+        delay = SETUP_RETRY_SEC[0]
+        while not self._stopping:
+            proc.set_state(ExecutorState.STARTING)
+            try:
+                await proc.ensure_started()
+            except ExecutorFailure as exc:
+                if self._stopping:
+                    return
+                proc.set_state(ExecutorState.FAILED, str(exc.info.get("message") or exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SETUP_RETRY_SEC[1])
+                continue
+            delay = SETUP_RETRY_SEC[0]
+            proc.set_state(ExecutorState.READY)
+            await proc.exited()
+
+    def states(self) -> dict[str, ExecutorStatus]:
+        out = {name: p.status for name, p in self.procs.items()}
+        ready = ExecutorStatus(ExecutorState.READY, 0.0)
+        for name, cls in self.classes.items():
+            if cls.isolation == "task":
+                out[name] = ready  # nothing to start: each task gets a fresh process
+        return out
+
+    def isolated(self, name: str) -> bool:
+        return self.classes[name].isolation == "task"
+
+    async def run(self, request: Request, gpus: tuple[Gpu, ...]) -> Reply:
+        """Run one task in its executor's child; raises ExecutorFailure."""
+        name = request.task_type
+        if name not in self.classes:
+            raise ExecutorFailure(
+                failure(
+                    "permanent",
+                    f"worker {self.worker_id} has no executor {name!r}",
+                    retryable=False,
+                )
+            )
+        if not self.isolated(name):
+            proc = self.procs[name]
+            await proc.wait_ready()
+            ordinals = tuple(self.gpus.index(g) for g in gpus)
+            return await proc.run(_with_devices(request, ordinals))
+        config = ExecutorConfig(
+            self.worker_id, tuple(range(len(gpus))), max_warm_models=self.max_warm_models
         )
-        for proc, res in zip(self.procs.values(), results, strict=True):
-            if isinstance(res, BaseException):
-                log.error("executor %s failed to start: %s", proc.name, res)
+        visible = cuda_visible_devices(gpus) if self.gpus_known else None
+        proc = ExecutorProcess(name, self.log_level, config, visible)
+        self._isolated[request.req_id] = proc
+        try:
+            try:
+                await proc.ensure_started()
+            except ExecutorFailure as exc:
+                # The task's own process failed its setup: the task fails as it would.
+                raise ExecutorFailure(exc.info) from None
+            return await proc.run(_with_devices(request, config.devices))
+        finally:
+            self._isolated.pop(request.req_id, None)
+            await proc.stop()
+
+    def process_of(self, req_id: str, name: str) -> ExecutorProcess | None:
+        """The child that holds (or will hold) this request."""
+        return self._isolated.get(req_id) or self.procs.get(name)
 
     def kill_busy(self, info: dict[str, Any]) -> None:
         """Kill every child that holds tasks; each of those tasks fails with `info`."""
-        for proc in self.procs.values():
+        for proc in [*self.procs.values(), *self._isolated.values()]:
             if proc.in_flight:
                 proc.kill(dict.fromkeys(proc.in_flight, info))
 
@@ -242,4 +413,14 @@ class ExecutorHost:
         return models
 
     async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.procs.values()))
+        self._stopping = True
+        for task in self._supervisors:
+            task.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        await asyncio.gather(*(p.stop() for p in [*self.procs.values(), *self._isolated.values()]))
+
+
+def _with_devices(request: Request, devices: tuple[int, ...]) -> Request:
+    if request.devices == devices:
+        return request
+    return Request(**{**request.__dict__, "devices": devices})

@@ -12,8 +12,8 @@ from flowmesh.config import environ, setup_logging
 from flowmesh.errors import ConfigError
 from flowmesh.loop import run
 from flowmesh.redis_conn import check_server, connect, redact
-from worker.runner import Worker
 from worker.settings import WorkerSettings
+from worker.worker import Worker
 
 log = logging.getLogger("worker")
 
@@ -25,7 +25,7 @@ async def serve(settings: WorkerSettings) -> None:
     if not executors:
         raise ConfigError("no executor is available on this worker (see the log lines above)")
     log.info("worker %s connected to %s", settings.worker_id, redact(settings.redis_url))
-    worker = Worker(settings, conn, sorted(executors))
+    worker = Worker(settings, conn, executors)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)

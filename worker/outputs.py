@@ -1,10 +1,18 @@
-"""Per-task output files: `responses.json` and `manifest.json` under RESULTS_DIR/<task_id>/.
+"""A task's files under RESULTS_DIR/<task_id>/, and the one finaliser that writes them.
 
-Written by the executor child right after `run` returns (so the worker's event loop does
-no file I/O per task), and by the worker only when it overrides the child's record (a
-timeout, a crash). Both files are complete before the result is recorded in Redis, so a
-reader who sees DONE sees whole files; a crash part-way leaves the task unrecorded and
-its retry rewrites them.
+Each attempt works in its own directory, `attempts/<n>/` (the executor's `artifacts/`,
+its `logs/`). When the attempt ends, `finalise` decides where its outcome goes:
+
+- an attempt whose outcome counts (it is the newest one and was not stopped for a reason
+  outside the task) becomes the top level: its `artifacts/` and `logs/` move up, and
+  `responses.json` and `manifest.json` are written beside them. Files an earlier attempt
+  had there move aside to `attempts/<m>/` first, so every attempt stays readable.
+- any other attempt (cancelled, superseded, handed back, interrupted, or older than the
+  files already on top) writes its `responses.json` and `manifest.json` into
+  `attempts/<n>/` only, never over the attempt that counts.
+
+The manifest names the attempt the top-level files belong to. Files are complete before
+the result is recorded in Redis, so a reader who sees DONE sees whole files.
 """
 
 from __future__ import annotations
@@ -12,12 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 RESPONSES = "responses.json"
 MANIFEST = "manifest.json"
+ATTEMPTS = "attempts"
+# What an attempt leaves at the top level when it counts (moved aside as a whole later).
+TOP_LEVEL = (RESPONSES, MANIFEST, "logs", "artifacts")
+
+
+def attempt_dir(task_dir: Path | str, attempt: int) -> Path:
+    return Path(task_dir) / ATTEMPTS / str(attempt)
 
 
 def _sha256(path: str) -> str:
@@ -38,11 +54,14 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _files(root: str, rel: str = "") -> list[tuple[str, str]]:
-    """Every file under `root` as (relative posix path, absolute path), sorted."""
+def _files(root: str, rel: str = "", skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Every file under `root` as (relative posix path, absolute path), sorted; top-level
+    entries named in `skip` are left out."""
     out: list[tuple[str, str]] = []
     with os.scandir(os.path.join(root, rel) if rel else root) as it:
         for entry in it:
+            if not rel and entry.name in skip:
+                continue
             name = f"{rel}/{entry.name}" if rel else entry.name
             if entry.is_dir(follow_symlinks=False):
                 out.extend(_files(root, name))
@@ -77,30 +96,107 @@ def summary(
     }
 
 
-def write_outputs(out_dir: Path | str, responses: dict[str, Any]) -> dict[str, Any]:
-    """Write responses.json, then a manifest (path, size, sha256) of every file in the
-    task directory. responses.json is hashed from the bytes in hand, not read back."""
-    root = os.fspath(out_dir)
+def top_attempt(task_dir: Path | str) -> int | None:
+    """The attempt the top-level files belong to, or None when there are none."""
+    try:
+        with open(os.path.join(task_dir, MANIFEST), "rb") as fh:
+            return int(json.load(fh)["attempt"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return 0  # unreadable: any attempt may replace it
+
+
+def _move_aside(root: str, attempt: int) -> None:
+    """Move the top-level files of `attempt` into attempts/<attempt>/."""
+    dest = os.path.join(root, ATTEMPTS, str(attempt))
+    for name in TOP_LEVEL:
+        src = os.path.join(root, name)
+        if os.path.lexists(src):
+            os.makedirs(dest, exist_ok=True)
+            target = os.path.join(dest, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(src, target)
+
+
+def _manifest(root: str, responses: dict[str, Any], data: bytes, listing: bool) -> bytes:
+    """manifest.json: path, size and sha256 of every file of the attempt (responses.json
+    hashed from the bytes in hand), and which attempt the files belong to."""
+    files = [{"path": RESPONSES, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    kept: list[int] = []
+    if listing:
+        for rel, path in _files(root, skip=frozenset({RESPONSES, MANIFEST, ATTEMPTS})):
+            files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path)})
+        files.sort(key=lambda f: str(f["path"]))
+        attempts = os.path.join(root, ATTEMPTS)
+        if os.path.isdir(attempts):
+            kept = sorted(int(n) for n in os.listdir(attempts) if n.isdigit())
+    manifest = {
+        "task_id": responses["task_id"],
+        "attempt": responses["attempt"],
+        "status": responses["status"],
+        "files": files,
+        "earlier_attempts": [n for n in kept if n != responses["attempt"]],
+    }
+    return json.dumps(manifest).encode()
+
+
+def finalise(task_dir: Path | str, responses: dict[str, Any], *, counts: bool) -> bool:
+    """Write one attempt's outcome (see the module docstring). Returns whether its files
+    are now the task's top-level files."""
+    root = os.fspath(task_dir)
+    attempt = int(responses["attempt"])
     try:
         os.mkdir(root)
-        fresh = True  # made just now: the executor wrote nothing, nothing to list
+        fresh = True  # made just now: no executor files, no earlier attempt
     except FileExistsError:
         fresh = False
     except FileNotFoundError:
         os.makedirs(root, exist_ok=True)  # RESULTS_DIR itself is new
-        fresh = False
+        fresh = True
     data = json.dumps(responses, ensure_ascii=False).encode()
-    _write(os.path.join(root, RESPONSES), data)
-    files = []
-    for rel, path in [(RESPONSES, "")] if fresh else _files(root):
-        if rel == MANIFEST:
-            continue
-        if rel == RESPONSES:
-            files.append(
-                {"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            )
-        else:
-            files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path)})
-    manifest = {"task_id": responses["task_id"], "attempt": responses["attempt"], "files": files}
-    _write(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
-    return manifest
+    if fresh and counts:
+        _write(os.path.join(root, RESPONSES), data)
+        _write(os.path.join(root, MANIFEST), _manifest(root, responses, data, listing=False))
+        return True
+    work = os.path.join(root, ATTEMPTS, str(attempt))
+    on_top = None if fresh else top_attempt(root)
+    if counts and (on_top is None or on_top <= attempt):
+        if on_top is not None and on_top < attempt:
+            _move_aside(root, on_top)
+        if os.path.isdir(work):
+            for name in ("logs", "artifacts"):
+                src = os.path.join(work, name)
+                if os.path.isdir(src):
+                    dest = os.path.join(root, name)
+                    if os.path.isdir(dest):
+                        shutil.rmtree(dest)
+                    os.replace(src, dest)
+            _remove_if_empty(work)
+        _write(os.path.join(root, RESPONSES), data)
+        _write(os.path.join(root, MANIFEST), _manifest(root, responses, data, listing=True))
+        return True
+    os.makedirs(work, exist_ok=True)
+    _write(os.path.join(work, RESPONSES), data)
+    _write(os.path.join(work, MANIFEST), _manifest(work, responses, data, listing=True))
+    return False
+
+
+def demote(task_dir: Path | str, attempt: int) -> bool:
+    """The attempt turned out not to count (Redis said a newer attempt exists, or it was
+    stopped after its files were written): move its top-level files into
+    attempts/<attempt>/. Files of any other attempt are left alone."""
+    root = os.fspath(task_dir)
+    if top_attempt(root) != attempt:
+        return False
+    _move_aside(root, attempt)
+    return True
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+        os.rmdir(os.path.dirname(path))  # attempts/ itself, when no other attempt is kept
+    except OSError:
+        pass

@@ -55,6 +55,9 @@ class WorkerSettings:
     key_prefix: str
     drain_timeout: float
     cancel_grace: float
+    # WORKER_GPUS as written (indices or UUIDs); resolved against NVML at start.
+    gpus: str
+    max_warm_models: int
     # Fault injection for the crash tests: {"before_settle": seconds} pauses there.
     failpoints: dict[str, float]
 
@@ -92,5 +95,7 @@ class WorkerSettings:
             key_prefix=env_str(env, "REDIS_KEY_PREFIX"),
             drain_timeout=env_float(env, "WORKER_DRAIN_TIMEOUT_SEC", 60.0, minimum=0.0),
             cancel_grace=env_float(env, "WORKER_CANCEL_GRACE_SEC", 5.0, minimum=0.0),
+            gpus=env_str(env, "WORKER_GPUS"),
+            max_warm_models=env_int(env, "MAX_WARM_MODELS", 2, minimum=1, maximum=64),
             failpoints=parse_failpoints(env_str(env, "FLOWMESH_FAILPOINTS")),
         )

@@ -7,21 +7,31 @@ import time
 from typing import Any
 
 import redis
+from pydantic import BaseModel
 
-from executors.base import Executor, TaskContext
+from executors.base import Executor, ExecutorConfig, TaskContext
+
+
+class BenchArgs(BaseModel):
+    run: str
+    i: int
+    t: float = 0.0
+    latency: bool = False
 
 
 class BenchNoop(Executor):
     name = "bench_noop"
+    options = BenchArgs
     max_concurrency = 1
 
-    def setup(self) -> None:
+    def setup(self, config: ExecutorConfig) -> None:
+        # A plugin of the benchmark's own, told where the benchmark counts (like each
+        # peer's task); FlowMesh's executors take every setting from `config`.
         self.redis = redis.Redis.from_url(os.environ["FLOWMESH_BENCH_REDIS_URL"])
 
     def run(self, task: TaskContext) -> dict[str, Any]:
-        args = task.body.echo.message if task.body.echo else {}
-        run_id, index = args["run"], args["i"]
-        if args.get("latency"):
-            self.redis.rpush(f"bench:{run_id}:start", f"{index}:{time.time()}")
-        self.redis.incr(f"bench:{run_id}:done")
-        return {"i": index}
+        args: BenchArgs = task.options
+        if args.latency:
+            self.redis.rpush(f"bench:{args.run}:start", f"{args.i}:{time.time()}")
+        self.redis.incr(f"bench:{args.run}:done")
+        return {"i": args.i}

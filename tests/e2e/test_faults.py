@@ -202,16 +202,8 @@ class Hang(Executor):
 
 
 @pytest.fixture
-def plugin_path(tmp_path: Path) -> Path:
-    root = tmp_path / "plugin"
-    dist = root / "fm_faults-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (root / "fm_faults.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-faults\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[flowmesh.executors]\npoison = fm_faults:Poison\nhang = fm_faults:Hang\n"
-    )
-    return root
+def plugin_path(install_plugin) -> str:
+    return install_plugin("fm_faults", PLUGIN, {"poison": "Poison", "hang": "Hang"})
 
 
 def test_poison_task_fails_after_max_attempts_and_is_dead_lettered(

@@ -6,7 +6,6 @@ import hashlib
 import json
 import signal
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -147,6 +146,7 @@ def test_workers_endpoint_lists_hardware_tags_executors_and_heartbeat(orchestrat
 
 PLUGIN = """
 import os
+from pydantic import BaseModel
 from executors.base import Executor, PermanentError
 
 
@@ -164,28 +164,25 @@ class Boom(Executor):
         raise PermanentError("model path /nowhere does not exist")
 
 
+class ShoutOptions(BaseModel):
+    text: str
+
+
 class Shout(Executor):
     name = "shout"
+    options = ShoutOptions
 
     def run(self, task):
-        return {"text": str(task.body.echo.message).upper()}
+        return {"text": task.options.text.upper()}
 """
 
 
 @pytest.fixture
-def plugin_path(tmp_path: Path) -> Path:
+def plugin_path(install_plugin) -> str:
     """A third-party executor package, found through the entry-point group like any install."""
-    root = tmp_path / "plugin"
-    root.mkdir()
-    (root / "fm_testplugin.py").write_text(PLUGIN)
-    dist = root / "fm_testplugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fm-testplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[flowmesh.executors]\n"
-        "crash = fm_testplugin:Crash\nboom = fm_testplugin:Boom\nshout = fm_testplugin:Shout\n"
+    return install_plugin(
+        "fm_testplugin", PLUGIN, {"crash": "Crash", "boom": "Boom", "shout": "Shout"}
     )
-    return root
 
 
 def test_third_party_executor_and_crashing_executor_do_not_kill_the_worker(
@@ -203,7 +200,7 @@ def test_third_party_executor_and_crashing_executor_do_not_kill_the_worker(
     crash, boom, shout = orchestrator.submit(
         {"spec": {"taskType": "crash", "maxAttempts": 1}},
         {"spec": {"taskType": "boom"}},
-        {"spec": {"taskType": "shout", "echo": {"message": "quiet"}}},
+        {"spec": {"taskType": "shout", "shout": {"text": "quiet"}}},
     )
     crashed = orchestrator.wait(crash)
     assert crashed["status"] == "FAILED"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from executors.base import PermanentError, TaskContext
+from executors.base import ExecutorConfig, PermanentError, TaskContext
 from executors.transformers_inference import TransformersInferenceExecutor
 from flowmesh.spec import parse_task
 from flowmesh.tiny_models import build_tiny_gpt2, build_tiny_llama
@@ -40,7 +40,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def executor() -> Iterator[TransformersInferenceExecutor]:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    ex = TransformersInferenceExecutor(max_warm_models=2)
+    ex = TransformersInferenceExecutor()
+    ex.setup(ExecutorConfig("w1", max_warm_models=2))
     yield ex
     ex.close()
 
@@ -55,7 +56,9 @@ def task(
     }
     if inference:
         body["inference"] = inference
-    return TaskContext("t1", 1, parse_task({"spec": body}), tmp_path)
+    spec = parse_task({"spec": body})
+    options = TransformersInferenceExecutor.parse_options(spec.spec)
+    return TaskContext("t1", 1, spec, tmp_path, options=options)
 
 
 def texts(result: dict[str, Any]) -> list[str]:
@@ -132,7 +135,8 @@ def test_second_run_is_warm(executor, models, tmp_path):
 
 
 def test_least_recently_used_model_is_evicted(models, tmp_path):
-    executor = TransformersInferenceExecutor(max_warm_models=1)
+    executor = TransformersInferenceExecutor()
+    executor.setup(ExecutorConfig("w1", max_warm_models=1))
     executor.run(task(tmp_path, models["llama"], max_tokens=2))
     executor.run(task(tmp_path, models["gpt2"], max_tokens=2))
 
@@ -141,9 +145,12 @@ def test_least_recently_used_model_is_evicted(models, tmp_path):
     assert executor.health()["loaded_models"] == []
 
 
-def test_warm_model_limit_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("MAX_WARM_MODELS", "3")
-    assert TransformersInferenceExecutor().max_warm_models == 3
+def test_warm_model_limit_comes_from_the_workers_settings():
+    executor = TransformersInferenceExecutor()
+    executor.setup(ExecutorConfig("w1", max_warm_models=3))
+    assert executor.max_warm_models == 3
+    with pytest.raises(ValueError, match="MAX_WARM_MODELS"):
+        executor.setup(ExecutorConfig("w1", max_warm_models=0))
 
 
 def test_chat_template_renders_the_system_prompt(executor, models, tmp_path):
@@ -312,3 +319,14 @@ def test_importing_the_module_does_not_import_torch():
         timeout=60,
     )
     assert out.stdout.strip() == "False"
+
+
+def test_options_are_checked_against_the_executors_own_model():
+    spec = {"inference": {"temperature": -1, "bogus": 1}, "training": {"epochs": 1}}
+    problems = TransformersInferenceExecutor.check_options(body(spec))
+    assert sorted(p for p, _ in problems) == [
+        "spec.inference.bogus",
+        "spec.inference.temperature",
+        "spec.training",
+    ]
+    assert "spec.inference" in dict(problems)["spec.training"]

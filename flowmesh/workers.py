@@ -1,0 +1,270 @@
+"""The worker record: the `worker:<id>` hash, its typed view, and every write to it.
+
+`WorkerRecord` is what a worker registers; `WorkerPresence` the fields each heartbeat
+rewrites. The functions below queue their commands into a pipeline the caller runs
+(sync in the worker's presence thread, async in the orchestrator), so the hash has one
+owner here just as `task:<id>` has `TaskStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowmesh.events import EventType, add_event
+from flowmesh.keys import Keys
+from flowmesh.status import ExecutorState, WorkerStatus
+
+# How long a stopped or lost worker's record stays readable (`flowmesh workers`).
+RECORD_TTL_SEC = 86_400
+
+
+@dataclass(frozen=True)
+class ExecutorStatus:
+    """One executor on one worker: starting, ready, or failed (with why)."""
+
+    state: ExecutorState
+    since: float
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state.value, "since": round(self.since, 3)}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ExecutorStatus:
+        return cls(ExecutorState(raw["state"]), float(raw.get("since", 0)), raw.get("reason"))
+
+
+@dataclass(frozen=True)
+class WorkerPresence:
+    """What every heartbeat rewrites."""
+
+    status: WorkerStatus
+    running: int
+    current_tasks: list[str]
+    loaded_models: list[str]
+    executor_states: dict[str, ExecutorStatus]
+    devices: dict[str, list[int]]  # attempt -> GPU indices it holds
+    load: dict[str, Any]
+    cost_accrued: float
+
+    def to_hash(self, now: float) -> dict[str, str | int]:
+        return {
+            "status": self.status.value,
+            "last_seen": f"{now:.6f}",
+            "running": self.running,
+            "current_tasks": json.dumps(self.current_tasks),
+            "loaded_models": json.dumps(self.loaded_models),
+            "executor_states": json.dumps(
+                {name: s.to_json() for name, s in sorted(self.executor_states.items())}
+            ),
+            "devices": json.dumps(self.devices),
+            "load": json.dumps(self.load),
+            "cost_accrued": f"{self.cost_accrued:.6f}",
+        }
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as registered: identity, capacity, and the last presence it wrote."""
+
+    worker_id: str
+    inbox: str
+    hostname: str = ""
+    pid: int = 0
+    version: str = ""
+    hardware: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    executors: list[str] = field(default_factory=list)
+    slots: int = 0
+    cost_per_hour: float = 1.0
+    heartbeat_interval: float = 30.0
+    started_at: float = 0.0
+    # Presence fields, as last written:
+    status: str = ""
+    last_seen: float = 0.0
+    running: int = 0
+    current_tasks: list[str] = field(default_factory=list)
+    loaded_models: list[str] = field(default_factory=list)
+    executor_states: dict[str, ExecutorStatus] = field(default_factory=dict)
+    devices: dict[str, list[int]] = field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
+    cost_accrued: float = 0.0
+
+    @property
+    def ready_executors(self) -> frozenset[str]:
+        """Executors tasks can be placed for. A record without states (a worker from before
+        executor states) counts every executor it offers as ready."""
+        if not self.executor_states:
+            return frozenset(self.executors)
+        return frozenset(
+            name for name, s in self.executor_states.items() if s.state is ExecutorState.READY
+        )
+
+    def identity_hash(self) -> dict[str, str | int | float]:
+        return {
+            "worker_id": self.worker_id,
+            "inbox": self.inbox,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "version": self.version,
+            "hardware": json.dumps(self.hardware),
+            "tags": json.dumps(self.tags),
+            "executors": json.dumps(self.executors),
+            "slots": self.slots,
+            "cost_per_hour": self.cost_per_hour,
+            "heartbeat_interval": self.heartbeat_interval,
+            "started_at": f"{self.started_at:.6f}",
+        }
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> WorkerRecord:
+        def j(name: str, default: Any) -> Any:
+            value = raw.get(name)
+            return json.loads(value) if value else default
+
+        return cls(
+            worker_id=raw["worker_id"],
+            inbox=raw.get("inbox", ""),
+            hostname=raw.get("hostname", ""),
+            pid=int(raw.get("pid") or 0),
+            version=raw.get("version", ""),
+            hardware=j("hardware", {}),
+            tags=j("tags", []),
+            executors=j("executors", []),
+            slots=int(raw.get("slots") or 0),
+            cost_per_hour=float(raw.get("cost_per_hour") or 1.0),
+            heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
+            started_at=float(raw.get("started_at") or 0),
+            status=raw.get("status", ""),
+            last_seen=float(raw.get("last_seen") or 0),
+            running=int(raw.get("running") or 0),
+            current_tasks=j("current_tasks", []),
+            loaded_models=j("loaded_models", []),
+            executor_states={
+                name: ExecutorStatus.from_json(s) for name, s in j("executor_states", {}).items()
+            },
+            devices=j("devices", {}),
+            load=j("load", {}),
+            cost_accrued=float(raw.get("cost_accrued") or 0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as the API serves it."""
+        return {
+            "worker_id": self.worker_id,
+            "status": self.status,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "hardware": self.hardware,
+            "tags": self.tags,
+            "executors": self.executors,
+            "executor_states": {n: s.to_json() for n, s in sorted(self.executor_states.items())},
+            "slots": self.slots,
+            "running": self.running,
+            "current_tasks": self.current_tasks,
+            "loaded_models": self.loaded_models,
+            "devices": self.devices,
+            "load": self.load,
+            "cost_per_hour": self.cost_per_hour,
+            "cost_accrued": self.cost_accrued,
+            "heartbeat_interval": self.heartbeat_interval,
+            "started_at": self.started_at,
+            "last_heartbeat": self.last_seen,
+            "version": self.version,
+        }
+
+
+# -- writes (each queues commands into the caller's pipeline) --------------------------
+
+
+def register(
+    pipe: Any, keys: Keys, record: WorkerRecord, presence: WorkerPresence, ttl: int
+) -> None:
+    """A fresh record (whatever an earlier run left is replaced), the id in the set of
+    workers, the heartbeat key, and `worker.registered`. Run in a MULTI pipeline."""
+    now = time.time()
+    key = keys.worker(record.worker_id)
+    pipe.delete(key)
+    pipe.hset(key, mapping={**record.identity_hash(), **presence.to_hash(now)})
+    pipe.sadd(keys.worker_ids, record.worker_id)
+    pipe.set(keys.heartbeat(record.worker_id), f"{now:.6f}", ex=ttl)
+    add_event(pipe, keys, EventType.WORKER_REGISTERED, worker_id=record.worker_id)
+
+
+def beat(
+    pipe: Any,
+    keys: Keys,
+    worker_id: str,
+    presence: WorkerPresence,
+    ttl: int,
+    *,
+    executors_changed: bool = False,
+) -> None:
+    """One heartbeat. The first reply says whether the worker is still registered (the
+    orchestrator forgets a worker it declared lost). `executors_changed`: an executor
+    became ready or failed since the last beat; the orchestrator re-reads the fleet."""
+    now = time.time()
+    pipe.sismember(keys.worker_ids, worker_id)
+    pipe.set(keys.heartbeat(worker_id), f"{now:.6f}", ex=ttl)
+    pipe.hset(keys.worker(worker_id), mapping=presence.to_hash(now))
+    if executors_changed:
+        add_event(pipe, keys, EventType.WORKER_READY, worker_id=worker_id)
+
+
+def mark_status(pipe: Any, keys: Keys, worker_id: str, status: WorkerStatus) -> None:
+    pipe.hset(keys.worker(worker_id), "status", status.value)
+
+
+def deregister(pipe: Any, keys: Keys, worker_id: str) -> None:
+    """The worker stopped on purpose: keep its record a day for inspection, forget it."""
+    pipe.hset(
+        keys.worker(worker_id),
+        mapping={
+            "status": WorkerStatus.STOPPED.value,
+            "last_seen": f"{time.time():.6f}",
+            "running": 0,
+            "current_tasks": "[]",
+            "devices": "{}",
+        },
+    )
+    pipe.expire(keys.worker(worker_id), RECORD_TTL_SEC)
+    pipe.srem(keys.worker_ids, worker_id)
+    pipe.delete(keys.heartbeat(worker_id))
+    add_event(pipe, keys, EventType.WORKER_STOPPED, worker_id=worker_id)
+
+
+def mark_lost(pipe: Any, keys: Keys, worker_id: str, inbox: str) -> None:
+    """The orchestrator declared the worker lost (its tasks were settled before this)."""
+    pipe.hset(keys.worker(worker_id), mapping={"status": WorkerStatus.LOST.value})
+    pipe.expire(keys.worker(worker_id), RECORD_TTL_SEC)
+    pipe.srem(keys.worker_ids, worker_id)
+    pipe.delete(keys.heartbeat(worker_id), keys.worker_tasks(worker_id))
+    pipe.delete(inbox)
+    add_event(pipe, keys, EventType.WORKER_LOST, worker_id=worker_id)
+
+
+# -- reads ---------------------------------------------------------------------------
+
+
+async def read_all(conn: Any, keys: Keys) -> list[tuple[WorkerRecord, int, set[str]]]:
+    """Every registered worker: its record, its heartbeat key's PTTL (ms; negative when
+    gone) and the tasks placed on it. Workers whose hash is gone are skipped."""
+    ids = sorted(await conn.smembers(keys.worker_ids))
+    async with conn.pipeline(transaction=False) as pipe:
+        for wid in ids:
+            pipe.hgetall(keys.worker(wid))
+            pipe.pttl(keys.heartbeat(wid))
+            pipe.smembers(keys.worker_tasks(wid))
+        replies = await pipe.execute()
+    out = []
+    for i in range(len(ids)):
+        raw, pttl, tasks = replies[3 * i : 3 * i + 3]
+        if raw and "inbox" in raw and "worker_id" in raw:
+            out.append((WorkerRecord.from_hash(raw), pttl, set(tasks)))
+    return out

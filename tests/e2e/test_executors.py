@@ -1,0 +1,233 @@
+"""The executor interface through a real fleet: third-party options validated at submit,
+an async executor that batches concurrent tasks and aborts one of them alone, a fresh
+process per task, executor states, and the files an attempt leaves."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from tests.conftest import wait_until
+
+# A third-party package, as a user would write it (the options model and the executor
+# together are under 30 lines: Greet), plus test executors.
+PLUGIN = """
+import asyncio, os
+from pydantic import BaseModel, Field
+from executors.base import Executor
+
+
+class GreetOptions(BaseModel):
+    name: str = Field(min_length=1)
+    times: int = Field(1, ge=1, le=3)
+
+
+class Greet(Executor):
+    name = "greet"
+    options = GreetOptions
+
+    def run(self, task):
+        text = " ".join([f"hello {task.options.name}"] * task.options.times)
+        task.artifacts_dir.mkdir(parents=True)
+        (task.artifacts_dir / "greeting.txt").write_text(text)
+        task.log.info("greeted %s", task.options.name)
+        return {"greeting": text, "artifacts": ["greeting.txt"]}
+
+
+class BatchOptions(BaseModel):
+    value: int
+    holdSec: float = 0.0
+
+
+class Batcher(Executor):
+    '''Collects the requests that arrive within 0.5 s into one batch, "generates" for
+    holdSec, and answers every request still waiting, as an engine with continuous
+    batching would; a cancelled request is aborted alone.'''
+
+    name = "batcher"
+    options = BatchOptions
+    max_concurrency = 64
+
+    def setup(self, config):
+        self.pending, self.batches, self.flusher = [], 0, None
+
+    async def arun(self, task):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((task.options, future))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._batch())
+        try:
+            return {**await future, "pid": os.getpid()}
+        except asyncio.CancelledError:
+            task.log.info("request aborted")
+            raise
+
+    async def _batch(self):
+        await asyncio.sleep(0.5)
+        batch, self.pending = self.pending, []
+        self.batches += 1
+        await asyncio.sleep(max(o.holdSec for o, _ in batch))
+        live = [f for _, f in batch if not f.done()]
+        for options, future in batch:
+            if not future.done():
+                future.set_result(
+                    {"batch": self.batches, "size": len(batch), "aborted": len(batch) - len(live)}
+                )
+
+
+class Isolated(Executor):
+    name = "isolated"
+    isolation = "task"
+
+    def run(self, task):
+        return {"pid": os.getpid()}
+
+
+class Broken(Executor):
+    name = "broken"
+
+    def setup(self, config):
+        raise RuntimeError("licence server unreachable")
+
+    def run(self, task):
+        return {}
+"""
+
+
+@pytest.fixture
+def plugin(install_plugin) -> str:
+    return install_plugin(
+        "fm_execplugin",
+        PLUGIN,
+        {"greet": "Greet", "batcher": "Batcher", "isolated": "Isolated", "broken": "Broken"},
+    )
+
+
+def errors(response) -> dict[str, str]:
+    assert response.status_code == 422, response.text
+    return {e["loc"]: e["msg"] for e in response.json()["errors"]}
+
+
+def test_third_party_options_are_validated_at_submit_and_reach_the_executor(
+    start_orchestrator, start_worker, plugin, results_dir, rdb
+):
+    orchestrator = start_orchestrator(PYTHONPATH=plugin)
+    start_worker("w1", WORKER_EXECUTORS="echo,greet", PYTHONPATH=plugin)
+    bad = orchestrator.http.post(
+        "/api/v1/tasks",
+        json=[
+            {"spec": {"taskType": "greet", "greet": {"name": "", "times": 9}}},
+            {"spec": {"taskType": "greet", "greet": {"name": "x", "louder": True}}},
+            {"spec": {"taskType": "greet", "echo": {"message": "hi"}}},
+            {"spec": {"taskType": "echo", "echo": {"delaySec": "soon"}, "training": {}}},
+        ],
+    )
+    problems = errors(bad)
+    assert set(problems) == {
+        "[0].spec.greet.name",
+        "[0].spec.greet.times",
+        "[1].spec.greet.louder",
+        "[2].spec.echo",
+        "[3].spec.echo.delaySec",
+        "[3].spec.training",
+    }
+    assert "spec.greet" in problems["[2].spec.echo"]
+    assert rdb.zcard("tasks:all") == 0  # nothing of a refused batch is stored
+
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "greet", "greet": {"name": "ada"}}})
+    task = orchestrator.wait(task_id)
+    assert task["status"] == "DONE", task
+    assert task["result"]["greeting"] == "hello ada"
+    task_dir = results_dir / task_id
+    assert (task_dir / "artifacts" / "greeting.txt").read_text() == "hello ada"
+    assert "greeted ada" in (task_dir / "logs" / "executor.log").read_text()
+    manifest = json.loads((task_dir / "manifest.json").read_text())
+    assert manifest["attempt"] == 1
+    assert {f["path"] for f in manifest["files"]} == {
+        "responses.json",
+        "artifacts/greeting.txt",
+        "logs/executor.log",
+    }
+
+
+def test_async_executor_gets_concurrent_tasks_as_one_batch_and_aborts_one_alone(
+    orchestrator, start_worker, plugin, results_dir
+):
+    worker = start_worker("w1", WORKER_EXECUTORS="batcher", WORKER_SLOTS="8", PYTHONPATH=plugin)
+    ids = orchestrator.submit(
+        *(
+            {"spec": {"taskType": "batcher", "batcher": {"value": i, "holdSec": 3}}}
+            for i in range(6)
+        )
+    )
+    for task_id in ids:
+        orchestrator.wait(task_id, ("RUNNING",))
+    victim = ids[2]
+    assert orchestrator.http.post(f"/api/v1/tasks/{victim}/cancel").status_code == 200
+    assert orchestrator.wait(victim)["status"] == "CANCELLED"
+
+    results = [orchestrator.wait(t) for t in ids if t != victim]
+    assert all(r["status"] == "DONE" for r in results), results
+    # One batch for all six, one of them aborted inside the engine, the rest answered.
+    assert {(r["result"]["batch"], r["result"]["size"]) for r in results} == {(1, 6)}
+    assert {r["result"]["aborted"] for r in results} == {1}
+    pids = {r["result"]["pid"] for r in results}
+    assert len(pids) == 1
+    # The child was neither killed nor restarted: the next task runs in the same process.
+    (after,) = orchestrator.submit({"spec": {"taskType": "batcher", "batcher": {"value": 7}}})
+    assert orchestrator.wait(after)["result"]["pid"] in pids
+    assert "killed on purpose" not in worker.log()
+    # The cancelled attempt's files are kept beside, never on top.
+    victim_dir = results_dir / victim
+    assert not (victim_dir / "responses.json").exists()
+    kept = json.loads((victim_dir / "attempts" / "1" / "responses.json").read_text())
+    assert kept["error"]["kind"] == "cancelled"
+    assert (
+        "request aborted" in (victim_dir / "attempts" / "1" / "logs" / "executor.log").read_text()
+    )
+
+
+def test_task_isolation_runs_each_task_in_a_fresh_process_that_exits(
+    orchestrator, start_worker, plugin
+):
+    start_worker("w1", WORKER_EXECUTORS="isolated", PYTHONPATH=plugin)
+    pids = []
+    for _ in range(2):
+        (task_id,) = orchestrator.submit({"spec": {"taskType": "isolated"}})
+        task = orchestrator.wait(task_id)
+        assert task["status"] == "DONE", task
+        pids.append(task["result"]["pid"])
+    assert pids[0] != pids[1]
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) for p in pids),
+        what="each task's process to exit (its memory returned)",
+    )
+
+
+def test_executor_states_show_in_the_api_and_a_failed_executor_holds_only_its_tasks(
+    orchestrator, start_worker, plugin
+):
+    start_worker("w1", WORKER_EXECUTORS="echo,broken", PYTHONPATH=plugin, wait=False)
+
+    def states():
+        workers = orchestrator.http.get("/api/v1/workers").json()["workers"]
+        return workers[0]["executor_states"] if workers else {}
+
+    failed = wait_until(
+        lambda: (s := states()).get("broken", {}).get("state") == "failed" and s,
+        what="the broken executor to be reported failed",
+    )
+    assert "licence server unreachable" in failed["broken"]["reason"]
+    wait_until(lambda: states()["echo"]["state"] == "ready", what="echo to be ready")
+    stuck, fine = orchestrator.submit(
+        {"spec": {"taskType": "broken"}}, {"spec": {"taskType": "echo"}}
+    )
+    assert orchestrator.wait(fine)["status"] == "DONE"
+    task = wait_until(
+        lambda: "licence" in ((t := orchestrator.task(stuck)).get("reason") or "") and t,
+        what="the pending task to say why it waits",
+    )
+    assert task["status"] == "PENDING"
+    assert task["attempts"] == 0

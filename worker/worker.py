@@ -1,0 +1,375 @@
+"""The worker's life: register, start its executors, read its inbox, drain, deregister.
+
+Its parts, each in a module of its own: presence (`worker.presence`: registration and
+a heartbeat thread that beats whatever the rest is doing), executor children
+(`worker.host`), GPUs (`worker.devices`), attempts (`worker.attempt`: run, stop,
+record), and a task's files (`worker.outputs`). This module wires them and owns the
+inbox and the notices that stop tasks (cancel, supersession).
+
+Delivery: the orchestrator XADDs each attempt to this worker's inbox stream; we read
+it through a consumer group and ack it only in the same Lua step that records the
+result (`TaskStore.settle_many`), so a crash at any point leaves the entry pending
+rather than lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from executors.base import Executor
+from flowmesh import __version__, workers
+from flowmesh.errors import failure
+from flowmesh.keys import INBOX_GROUP, Keys
+from flowmesh.status import TaskStatus, WorkerStatus
+from flowmesh.store import Delivery, Ending, TaskStore
+from flowmesh.workers import WorkerPresence, WorkerRecord
+from worker.attempt import HANDED_BACK, Attempt, Attempts
+from worker.devices import DeviceAllocator, select_gpus
+from worker.hardware import Hardware, Nvml, detect, sample_load
+from worker.host import ExecutorHost
+from worker.presence import Presence
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self, settings: WorkerSettings, conn: aioredis.Redis, executors: dict[str, type[Executor]]
+    ):
+        self.settings = settings
+        self.conn = conn
+        self.keys = Keys(settings.key_prefix)
+        self.store = TaskStore(conn, self.keys)
+        self.id = settings.worker_id
+        self.inbox = self.keys.inbox(settings.task_topic, self.id)
+        self.executors = sorted(executors)
+        self.nvml = Nvml()
+        detected: Hardware = detect(self.nvml, cpus=settings.cpus, memory=settings.memory)
+        gpus = select_gpus(settings.gpus, detected.gpus)
+        # The record offers only the GPUs WORKER_GPUS leaves us.
+        self.hardware = Hardware(
+            detected.hostname, detected.platform, detected.cpu_count, detected.memory_total, gpus
+        )
+        self.started_at = time.time()
+        self._stopping = asyncio.Event()
+        self._drain_now = asyncio.Event()
+        self._devices_view: dict[str, list[int]] = {}
+        self.devices = DeviceAllocator(gpus)
+        self.presence = Presence(
+            settings.redis_url,
+            self.keys,
+            WorkerRecord(
+                worker_id=self.id,
+                inbox=self.inbox,
+                hostname=self.hardware.hostname,
+                pid=os.getpid(),
+                version=__version__,
+                hardware=self.hardware.to_dict(),
+                tags=list(settings.tags),
+                executors=self.executors,
+                slots=settings.slots,
+                cost_per_hour=settings.cost_per_hour,
+                heartbeat_interval=settings.heartbeat_interval,
+                started_at=self.started_at,
+            ),
+            interval=settings.heartbeat_interval,
+            ttl=settings.heartbeat_ttl,
+            snapshot=self._presence,
+            stopping=self._stopping.is_set,
+        )
+        self.host = ExecutorHost(
+            executors,
+            worker_id=self.id,
+            log_level=settings.log_level,
+            gpus=gpus,
+            gpus_known=self.nvml.available or bool(settings.gpus),
+            max_warm_models=settings.max_warm_models,
+            on_change=lambda: self.presence.nudge(executors_changed=True),
+        )
+        self.attempts = Attempts(
+            settings, self.store, self.host, self.devices, self._devices_changed
+        )
+        self.attempts.inbox = self.inbox
+
+    @property
+    def running(self) -> dict[str, Attempt]:
+        return self.attempts.running
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        # Presence first: from here on the worker beats, whatever its executors are doing.
+        await asyncio.to_thread(self.presence.register)
+        self.presence.start()
+        self._log_registered()
+        self.host.start()
+        loops = [
+            asyncio.create_task(self._watch_loop(), name="watch"),
+            asyncio.create_task(self._control_loop(), name="control"),
+        ]
+        try:
+            await self._inbox_loop()
+            await self._drain()
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self.host.stop()
+            await asyncio.to_thread(self.presence.stop)
+            try:
+                await self.deregister()
+            except (RedisError, OSError) as exc:
+                # Our heartbeat key expires by itself and the lease check re-places our tasks.
+                log.warning("worker %s: could not deregister (%s)", self.id, exc)
+
+    def request_stop(self) -> None:
+        """First call: drain (finish within the drain timeout, then hand back). Second: hand
+        back at once."""
+        if not self._stopping.is_set():
+            log.info("worker %s: stopping; no new tasks will be taken", self.id)
+            self._stopping.set()
+            self.attempts.slot_freed.set()
+            # Tell the orchestrator now, not at the next beat: dispatch.lua refuses a
+            # draining worker, so nothing new lands in an inbox nobody will read.
+            self.attempts.spawn(self._mark_draining())
+        else:
+            log.info("worker %s: second stop signal; handing back running tasks now", self.id)
+            self._drain_now.set()
+
+    async def _mark_draining(self) -> None:
+        try:
+            async with self.conn.pipeline(transaction=False) as pipe:
+                workers.mark_status(pipe, self.keys, self.id, WorkerStatus.DRAINING)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not mark worker %s draining: %s", self.id, exc)
+
+    def _presence(self) -> WorkerPresence:
+        """What the next heartbeat writes. Called on the heartbeat thread: it only reads
+        attributes the event loop replaces whole, and copies the running map in one C call."""
+        running = list(self.attempts.running)
+        status = (
+            WorkerStatus.DRAINING
+            if self._stopping.is_set()
+            else WorkerStatus.BUSY
+            if running
+            else WorkerStatus.IDLE
+        )
+        now = time.time()
+        return WorkerPresence(
+            status=status,
+            running=len(running),
+            current_tasks=sorted(running),
+            loaded_models=self.host.loaded_models(),
+            executor_states=self.host.states(),
+            devices=self._devices_view,
+            load=sample_load(self.nvml),
+            cost_accrued=self.settings.cost_per_hour * (now - self.started_at) / 3600.0,
+        )
+
+    def _devices_changed(self) -> None:
+        self._devices_view = {k: list(v) for k, v in self.devices.held().items()}
+
+    def _log_registered(self) -> None:
+        gpus = ", ".join(g.name for g in self.hardware.gpus) or "no GPU"
+        log.info(
+            "worker %s registered: %g CPUs, %.1f GiB RAM, %s; executors %s; tags %s; %d slots",
+            self.id,
+            self.hardware.cpu_count,
+            self.hardware.memory_total / 2**30,
+            gpus,
+            ",".join(self.executors) or "none",
+            ",".join(self.settings.tags) or "none",
+            self.settings.slots,
+        )
+
+    async def deregister(self) -> None:
+        k = self.keys
+        # Tasks placed on us that we never started (dispatched while we drained): hand
+        # them back uncharged before the inbox that holds them goes away.
+        leftover = sorted(await self.conn.smembers(k.worker_tasks(self.id)))
+        if leftover:
+            async with self.conn.pipeline(transaction=False) as pipe:
+                for task_id in leftover:
+                    pipe.hget(k.task(task_id), "attempts")
+                attempts = await pipe.execute()
+            endings = [
+                Ending(
+                    task_id,
+                    int(attempt),
+                    TaskStatus.FAILED,
+                    error=HANDED_BACK,
+                    charge=False,
+                    immediate=True,
+                    avoid=False,
+                )
+                for task_id, attempt in zip(leftover, attempts, strict=True)
+                if attempt is not None
+            ]
+            if endings:
+                await self.store.settle_many(self.id, endings)
+            log.info("worker %s: handed back %d task(s) it never started", self.id, len(leftover))
+        async with self.conn.pipeline(transaction=True) as pipe:
+            workers.deregister(pipe, k, self.id)
+            await pipe.execute()
+        await self.conn.delete(self.inbox)  # every entry in it is settled or handed back
+        log.info("worker %s deregistered", self.id)
+
+    # -- notices that stop tasks -------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        """Each interval, re-check every running task: a cancel whose notice was missed,
+        or a newer attempt (we were presumed lost meanwhile) stops it."""
+        k = self.keys
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            running = list(self.running.values())
+            if not running:
+                continue
+            try:
+                async with self.conn.pipeline(transaction=False) as pipe:
+                    for r in running:
+                        pipe.hmget(k.task(r.delivery.task_id), ["status", "attempts", "worker_id"])
+                    replies = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("checking running tasks failed: %s", exc)
+                continue
+            for r, (task_status, attempts, worker_id) in zip(running, replies, strict=True):
+                if task_status == TaskStatus.CANCELLED.value:
+                    self.attempts.stop_soon(r, failure("cancelled", "cancelled by request"))
+                elif attempts != str(r.delivery.attempt) or worker_id != self.id:
+                    self.attempts.stop_soon(
+                        r, failure("superseded", "a newer attempt of this task exists")
+                    )
+
+    async def _control_loop(self) -> None:
+        channel = self.keys.control(self.id)
+        while True:
+            pubsub = self.conn.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    parts = str(message.get("data", "")).split()
+                    if len(parts) == 3 and parts[0] == "cancel":
+                        r = self.running.get(parts[1])
+                        if r is not None and str(r.delivery.attempt) == parts[2]:
+                            self.attempts.stop_soon(r, failure("cancelled", "cancelled by request"))
+            except (RedisError, OSError) as exc:
+                log.warning("control channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    # -- inbox -------------------------------------------------------------------------
+    async def _inbox_loop(self) -> None:
+        # First whatever this WORKER_ID was handed and has not acked (an earlier run of it,
+        # or reads lost to a Redis error), then new entries only.
+        attempts = self.attempts
+        start_id = "0"
+        while not self._stopping.is_set():
+            free = self.settings.slots - len(self.running)
+            if free <= 0:
+                attempts.slot_freed.clear()
+                await attempts.slot_freed.wait()
+                continue
+            if attempts.reread and start_id == ">":
+                attempts.reread = False
+                start_id = "0"
+            try:
+                reply = await self.conn.xreadgroup(
+                    INBOX_GROUP, self.id, {self.inbox: start_id}, count=free, block=1000
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("reading inbox %s failed: %s; retrying", self.inbox, exc)
+                await asyncio.sleep(1.0)
+                start_id = "0"
+                continue
+            entries = reply[0][1] if reply else []
+            if start_id != ">" and not entries:
+                start_id = ">"
+                continue
+            batch: list[Delivery] = []
+            for stream_id, fields in entries:
+                if not fields:
+                    continue  # acked meanwhile
+                if fields["task_id"] in self.running:
+                    # An attempt of the same task is still ending here (stopped as
+                    # superseded, say): come back to this entry when it has.
+                    attempts.reread = True
+                    continue
+                delivery = Delivery.from_entry(stream_id, fields)
+                self.running[delivery.task_id] = Attempt(delivery)
+                batch.append(delivery)
+            if start_id != ">" and entries:
+                start_id = entries[-1][0]
+            if batch:
+                await self._start(batch)
+
+    async def _start(self, batch: list[Delivery]) -> None:
+        """Mark a batch of deliveries RUNNING (one script call), then run each one."""
+        attempts = self.attempts
+        try:
+            outcomes = await self.store.start(self.id, [(d.task_id, d.attempt) for d in batch])
+        except (RedisError, OSError) as exc:
+            # Not started: the entries stay pending and are read again once Redis answers.
+            log.warning("cannot start %d task(s) (%s); will read them again", len(batch), exc)
+            for d in batch:
+                self.running.pop(d.task_id, None)
+            attempts.reread = True
+            attempts.slot_freed.set()
+            await asyncio.sleep(0.2)
+            return
+        dropped: list[Delivery] = []
+        for delivery, started in zip(batch, outcomes, strict=True):
+            if not started.ok:
+                log.warning(
+                    "task %s attempt %d dropped: %s",
+                    delivery.task_id,
+                    delivery.attempt,
+                    started.reason,
+                )
+                self.running.pop(delivery.task_id, None)
+                dropped.append(delivery)
+                continue
+            attempts.spawn(attempts.handle(self.running[delivery.task_id]))
+        if dropped:
+            attempts.slot_freed.set()
+            with contextlib.suppress(RedisError, OSError):  # else re-read and dropped again
+                await self.conn.xack(self.inbox, INBOX_GROUP, *(d.stream_id for d in dropped))
+
+    async def _drain(self) -> None:
+        """Let running tasks finish within the drain timeout; hand back the rest."""
+        tasks = self.attempts._tasks
+        if not tasks:
+            return
+        log.info(
+            "worker %s: draining %d running task(s) (up to %gs)",
+            self.id,
+            len(self.running),
+            self.settings.drain_timeout,
+        )
+        now = asyncio.create_task(self._drain_now.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while tasks and not self._drain_now.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.wait(
+                {now, *tasks}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        now.cancel()
+        if self.running:
+            log.info("worker %s: handing back %d task(s)", self.id, len(self.running))
+            for r in self.running.values():
+                self.attempts.stop_now(r, HANDED_BACK)
+            self.host.kill_busy(HANDED_BACK)
+        if tasks:
+            await asyncio.wait(set(tasks))
