@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.idle import idle_cost
+from bench.presence import print_presence, run_presence
 from bench.raw_redis import pipelined, round_trip
 from flowmesh.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("celery", "dramatiq", "rq", "arq", "taskiq", "saq")
-SECTIONS = ("throughput", "latency", "raw", "scheduler", "redis-memory", "idle")
+SECTIONS = ("throughput", "latency", "raw", "scheduler", "redis-memory", "idle", "presence")
 
 
 def run_system(
@@ -204,6 +205,11 @@ def section_idle(url: str, window: float) -> None:
         )
 
 
+def section_presence(url: str) -> None:
+    print("\n## Presence under load (bench/presence.py, defaults)", flush=True)
+    print_presence(run_presence(url))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,6 +238,8 @@ def main() -> int:
             section_redis_memory(server.url)
         if "idle" in only:
             section_idle(server.url, args.idle_window)
+        if "presence" in only:
+            section_presence(server.url)
     return 0
 
 
