@@ -37,9 +37,10 @@ import threading
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 
 from flowmesh.spec import TaskBody, TaskSpec, field_path
 
@@ -167,20 +168,17 @@ class Executor(ABC):
                 problems.append((f"{where}.{key}", f"Extra inputs are not permitted: {hint}"))
         if section is not None and cls.options is not None and section in extra:
             raw = extra[section]
+            here = f"{where}.{section}"
             try:
                 cls.options.model_validate(raw)
             except ValidationError as exc:
                 for err in exc.errors(include_url=False):
-                    problems.append((field_path(err["loc"], f"{where}.{section}"), err["msg"]))
-            if isinstance(raw, dict) and cls.options.model_config.get("extra") != "allow":
-                # pydantic ignores unknown keys by default; a spec's never are.
-                known = set(cls.options.model_fields)
-                known |= {f.alias for f in cls.options.model_fields.values() if f.alias}
-                for key in raw:
-                    if key not in known and cls.options.model_config.get("extra") != "forbid":
-                        problems.append(
-                            (f"{where}.{section}.{key}", "Extra inputs are not permitted")
-                        )
+                    problems.append((field_path(err["loc"], here), err["msg"]))
+            except Exception as exc:  # a plugin's own validator raising something else
+                problems.append((here, f"{type(exc).__name__}: {exc}"))
+            # pydantic ignores unknown keys by default, at every level; a spec's never are.
+            seen = {path for path, _ in problems}
+            problems += [p for p in unknown_fields(cls.options, raw, here) if p[0] not in seen]
         return problems
 
     @classmethod
@@ -223,3 +221,43 @@ class Executor(ABC):
 
     def close(self) -> None:
         """Release what `setup` and `run` acquired."""
+
+
+def unknown_fields(model: type[BaseModel], raw: Any, path: str) -> list[tuple[str, str]]:
+    """Keys of `raw` that `model` (and the models nested in it) would silently ignore.
+    Models that forbid extra keys report them themselves; models that allow them, allow."""
+    extra_rule = model.model_config.get("extra")
+    if not isinstance(raw, dict) or extra_rule == "allow":
+        return []
+    names: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        names[name] = info.annotation
+        aliases: list[Any] = [info.alias, info.validation_alias]
+        if isinstance(info.validation_alias, AliasChoices):
+            aliases += info.validation_alias.choices
+        names.update({a: info.annotation for a in aliases if isinstance(a, str)})
+    problems: list[tuple[str, str]] = []
+    for key, value in raw.items():
+        if key in names:
+            problems += _nested_unknown(names[key], value, f"{path}.{key}")
+        elif extra_rule != "forbid":
+            problems.append((f"{path}.{key}", "Extra inputs are not permitted"))
+    return problems
+
+
+def _nested_unknown(annotation: Any, value: Any, path: str) -> list[tuple[str, str]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return unknown_fields(annotation, value, path)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (list, tuple, set, frozenset) and isinstance(value, list | tuple) and args:
+        return [p for i, v in enumerate(value) for p in _nested_unknown(args[0], v, f"{path}[{i}]")]
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return [p for k, v in value.items() for p in _nested_unknown(args[1], v, f"{path}.{k}")]
+    if origin in (Union, UnionType):
+        options = [a for a in args if a is not type(None)]
+        models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(models) == 1 and isinstance(value, dict):
+            return unknown_fields(models[0], value, path)
+        if len(options) == 1:
+            return _nested_unknown(options[0], value, path)
+    return []

@@ -26,6 +26,12 @@ def load(name: str) -> type[Executor]:
     cls = eps[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Executor)):
         raise TypeError(f"entry point {name!r} = {eps[name].value} is not an Executor subclass")
+    if cls.run is Executor.run and not cls.is_async():
+        raise TypeError(f"executor {name!r} ({eps[name].value}) implements neither run nor arun")
+    if cls.isolation not in ("shared", "task"):
+        raise TypeError(
+            f"executor {name!r}: isolation must be 'shared' or 'task', got {cls.isolation!r}"
+        )
     return cls
 
 

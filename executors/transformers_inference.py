@@ -89,16 +89,19 @@ class TransformersInferenceExecutor(Executor):
     requires = ("torch", "transformers")
     extra = "inference"
     options = InferenceOptions
+    # Its tasks take turns on one lock, so they may share the GPUs it was given.
+    shares_devices = True
     # Tasks wait on the lock here rather than in Redis, so a warm model serves them in turn.
     max_concurrency = 4
 
     def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
-        self._models: OrderedDict[tuple[str, str | None, str], _Loaded] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str | None, str, str], _Loaded] = OrderedDict()
         # Read by health() on the heartbeat thread while run() may hold the lock for minutes.
         self._warm_ids: tuple[str, ...] = ()
         self._lock = threading.Lock()
-        self._device_index = 0
+        # The worker accounts for GPUs (NVML saw some): a task uses the ones it was given.
+        self._gpus_assigned = False
 
     @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
@@ -117,7 +120,7 @@ class TransformersInferenceExecutor(Executor):
         if config.max_warm_models < 1:
             raise ValueError(f"MAX_WARM_MODELS must be at least 1, got {config.max_warm_models}")
         self.max_warm_models = config.max_warm_models
-        self._device_index = config.devices[0] if config.devices else 0
+        self._gpus_assigned = bool(config.devices)
 
     def run(self, task: TaskContext) -> dict[str, Any]:
         body = task.body
@@ -131,7 +134,7 @@ class TransformersInferenceExecutor(Executor):
             return {"model": identifier, "responses": [], "cancelled": True}
         try:
             started = time.monotonic()
-            loaded, load_sec = self._get(body.model)
+            loaded, load_sec = self._get(body.model, self._device(task))
             prompts = [
                 self._render(loaded, it, opts.system_prompt, i) for i, it in enumerate(items)
             ]
@@ -175,8 +178,20 @@ class TransformersInferenceExecutor(Executor):
 
     # -- model cache (callers hold the lock) -----------------------------------------
 
-    def _get(self, spec: ModelSpec) -> tuple[_Loaded, float]:
-        key = (spec.source.identifier, spec.source.revision, spec.dtype)
+    def _device(self, task: TaskContext) -> str:
+        """The task's own GPU; the CPU when it asked for none on a worker that hands GPUs
+        out (one it was not given may be another task's, whole); on a worker that cannot
+        see its GPUs through NVML, the first CUDA device there is."""
+        if task.devices:
+            return f"cuda:{task.devices[0]}"
+        if self._gpus_assigned:
+            return "cpu"
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def _get(self, spec: ModelSpec, device: str) -> tuple[_Loaded, float]:
+        key = (spec.source.identifier, spec.source.revision, spec.dtype, device)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key], 0.0
@@ -184,7 +199,7 @@ class TransformersInferenceExecutor(Executor):
         while len(self._models) >= self.max_warm_models:
             self._evict()
         started = time.monotonic()
-        self._models[key] = self._load(spec)
+        self._models[key] = self._load(spec, device)
         self._warm_ids = tuple(k[0] for k in self._models)
         return self._models[key], time.monotonic() - started
 
@@ -199,7 +214,7 @@ class TransformersInferenceExecutor(Executor):
         if on_cuda:
             torch.cuda.empty_cache()
 
-    def _load(self, spec: ModelSpec) -> _Loaded:
+    def _load(self, spec: ModelSpec, device: str) -> _Loaded:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,7 +224,6 @@ class TransformersInferenceExecutor(Executor):
             if not path.is_dir():
                 raise PermanentError(f"model {identifier!r} not found: no such local directory")
             source = str(path)
-        device = f"cuda:{self._device_index}" if torch.cuda.is_available() else "cpu"
         if spec.dtype != "auto":
             dtype = getattr(torch, spec.dtype)
         elif device == "cpu":

@@ -9,6 +9,7 @@ owner here just as `task:<id>` has `TaskStore`.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from flowmesh.events import EventType, add_event
 from flowmesh.keys import Keys
 from flowmesh.status import ExecutorState, WorkerStatus
+
+log = logging.getLogger(__name__)
 
 # How long a stopped or lost worker's record stays readable (`flowmesh workers`).
 RECORD_TTL_SEC = 86_400
@@ -146,9 +149,7 @@ class WorkerRecord:
             running=int(raw.get("running") or 0),
             current_tasks=j("current_tasks", []),
             loaded_models=j("loaded_models", []),
-            executor_states={
-                name: ExecutorStatus.from_json(s) for name, s in j("executor_states", {}).items()
-            },
+            executor_states=_states(j("executor_states", {})),
             devices=j("devices", {}),
             load=j("load", {}),
             cost_accrued=float(raw.get("cost_accrued") or 0),
@@ -178,6 +179,18 @@ class WorkerRecord:
             "last_heartbeat": self.last_seen,
             "version": self.version,
         }
+
+
+def _states(raw: dict[str, Any]) -> dict[str, ExecutorStatus]:
+    """Executor states as recorded; one a newer worker writes that this version does not
+    know is left out (its executor is then not ready here) rather than failing the read."""
+    out = {}
+    for name, state in raw.items():
+        try:
+            out[name] = ExecutorStatus.from_json(state)
+        except (KeyError, ValueError, TypeError):
+            continue
+    return out
 
 
 # -- writes (each queues commands into the caller's pipeline) --------------------------
@@ -217,8 +230,12 @@ def beat(
         add_event(pipe, keys, EventType.WORKER_READY, worker_id=worker_id)
 
 
-def mark_status(pipe: Any, keys: Keys, worker_id: str, status: WorkerStatus) -> None:
-    pipe.hset(keys.worker(worker_id), "status", status.value)
+def beat_only(pipe: Any, keys: Keys, worker_id: str, ttl: int) -> None:
+    """A heartbeat that keeps the lease when the worker's state could not be read."""
+    now = time.time()
+    pipe.sismember(keys.worker_ids, worker_id)
+    pipe.set(keys.heartbeat(worker_id), f"{now:.6f}", ex=ttl)
+    pipe.hset(keys.worker(worker_id), "last_seen", f"{now:.6f}")
 
 
 def deregister(pipe: Any, keys: Keys, worker_id: str) -> None:
@@ -266,5 +283,11 @@ async def read_all(conn: Any, keys: Keys) -> list[tuple[WorkerRecord, int, set[s
     for i in range(len(ids)):
         raw, pttl, tasks = replies[3 * i : 3 * i + 3]
         if raw and "inbox" in raw and "worker_id" in raw:
-            out.append((WorkerRecord.from_hash(raw), pttl, set(tasks)))
+            try:
+                record = WorkerRecord.from_hash(raw)
+            except (ValueError, TypeError, KeyError) as exc:
+                # One unreadable record must not stop placement for the whole fleet.
+                log.warning("worker %s: unreadable record skipped: %s", ids[i], exc)
+                continue
+            out.append((record, pttl, set(tasks)))
     return out

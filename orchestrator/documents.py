@@ -120,7 +120,11 @@ def validate(
         cls = executor_of(task_type)
         if cls is not None:
             problems.extend(cls.check_options(spec.spec, where))
-            for path, msg in cls.validate_spec(spec.spec):
+            try:
+                checked = cls.validate_spec(spec.spec)
+            except Exception as exc:  # a plugin's check must not turn a bad spec into a 500
+                checked = [("spec", f"executor {task_type!r} rejected it: {exc}")]
+            for path, msg in checked:
                 problems.append((f"{prefix}.{path}" if prefix else path, msg))
         specs.append(spec)
     if problems:

@@ -79,6 +79,10 @@ class WorkerView:
     def executor_ready(self, name: str) -> bool:
         return self.ready is None or name in self.ready
 
+    def executor_failed(self, name: str) -> bool:
+        status = self.executor_states.get(name)
+        return status is not None and status.state is ExecutorState.FAILED
+
     def matching_gpus(self, req: Requirements) -> int:
         kind = (req.gpu_type or "").lower()
         return sum(
@@ -299,7 +303,13 @@ class Scheduler:
 
     def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
         """choose() for a retry: a linear pass, since `avoid` differs task by task."""
-        candidates = [w for w in self.candidates(req) if w.worker_id not in avoid]
+        # Workers not avoided whose executor has not failed; else anyone who can run it
+        # (an avoided worker beats waiting for one whose executor may never come back).
+        candidates = [
+            w
+            for w in self.candidates(req)
+            if w.worker_id not in avoid and not w.executor_failed(req.executor)
+        ]
         candidates = candidates or self.candidates(req)
         best: WorkerView | None = None
         best_key: tuple[int, float, float, str] | None = None

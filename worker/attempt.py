@@ -21,8 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from flowmesh.batch import GroupCommit
-from flowmesh.errors import failure
-from flowmesh.failures import rule
+from flowmesh.failures import FailureKind, failure, rule
 from flowmesh.spec import GpuRequest
 from flowmesh.status import TaskStatus
 from flowmesh.store import Delivery, Ending, Outcome, TaskStore
@@ -35,7 +34,7 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-HANDED_BACK = failure("handed_back", "worker stopping: handed back", charge=False)
+HANDED_BACK = failure(FailureKind.HANDED_BACK, "worker stopping: handed back", charge=False)
 
 
 @dataclass
@@ -146,7 +145,7 @@ class Attempts:
                 await self.record(
                     r,
                     TaskStatus.FAILED,
-                    error=failure("worker_error", f"{type(exc).__name__}: {exc}"),
+                    error=failure(FailureKind.WORKER_ERROR, f"{type(exc).__name__}: {exc}"),
                 )
             except Exception:
                 log.exception("task %s: could not record the worker error", task_id)
@@ -168,7 +167,7 @@ class Attempts:
         if gpus is None:
             raise ExecutorFailure(
                 failure(
-                    "interrupted",
+                    FailureKind.INTERRUPTED,
                     f"no free GPU on worker {self.worker_id} for {want.count} GPU(s)",
                     type="NoFreeDevice",
                     charge=False,
@@ -193,10 +192,13 @@ class Attempts:
                 delivery.timeout,
                 self.stop_soon,
                 r,
-                failure("timeout", f"ran past timeoutSec={delivery.timeout:g}"),
+                failure(FailureKind.TIMEOUT, f"ran past timeoutSec={delivery.timeout:g}"),
             )
         log.debug("→ task %s attempt %d %s started", task_id, attempt, task_type)
         try:
+            if r.stop_info is not None:  # stopped (drain, cancel) before it could start
+                raise ExecutorFailure(r.stop_info)
+            self.host.check_ready(task_type)  # before GPUs are given to it
             gpus = self._assign(r)
             request = Request(
                 req_id=r.req_id,

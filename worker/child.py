@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 
 from executors.base import ExecutorConfig, ExecutorError, TaskContext
 from executors.registry import load
-from flowmesh.errors import failure
+from flowmesh.failures import FailureKind, failure
 from flowmesh.spec import TaskSpec
 from worker.outputs import attempt_dir, finalise, summary
 
@@ -86,12 +86,13 @@ class Finished:
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """An exception as the worker records it: kind, message, whether a retry can help."""
+    kind: str
     if isinstance(exc, ExecutorError):
         kind, retryable = exc.kind, exc.retryable
     elif type(exc).__name__ == "OutOfMemoryError" and "cuda" in type(exc).__module__ + str(exc):
-        kind, retryable = "cuda_oom", True
+        kind, retryable = FailureKind.CUDA_OOM, True
     else:
-        kind, retryable = "exception", True
+        kind, retryable = FailureKind.EXCEPTION, True
     return failure(
         kind,
         str(exc) or type(exc).__name__,
@@ -196,15 +197,24 @@ class TaskLogs(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self._files: dict[str, Any] = {}
+        # Tasks running now. A background task an executor started from a task inherits
+        # its context, and may log after that task ended: those lines stay out of its files.
+        self._live: set[str] = set()
         self._lock_files = threading.Lock()
+
+    def open_task(self, req_id: str) -> None:
+        with self._lock_files:
+            self._live.add(req_id)
 
     def emit(self, record: logging.LogRecord) -> None:
         req = _current.get()
-        if req is None:
+        if req is None or req.req_id not in self._live:
             return
         try:
             line = self.format(record) + "\n"
             with self._lock_files:
+                if req.req_id not in self._live:
+                    return
                 fh = self._files.get(req.req_id)
                 if fh is None:
                     logs = attempt_dir(req.task_dir, req.attempt) / "logs"
@@ -219,14 +229,17 @@ class TaskLogs(logging.Handler):
 
     def close_task(self, req_id: str) -> None:
         with self._lock_files:
+            self._live.discard(req_id)
             fh = self._files.pop(req_id, None)
         if fh is not None:
             fh.close()
 
 
 class AsyncRunner:
-    """Runs an async executor's tasks as coroutines on one event loop thread, up to
-    `max_concurrency` at once; a cancel cancels just that task's coroutine."""
+    """Runs an async executor's tasks as coroutines on one event loop thread; a cancel
+    cancels just that task's coroutine (waiting for a turn or running). The coroutines
+    take a turn from `slot` (up to `max_concurrency` at once) themselves, so a task
+    cancelled while it waits still answers."""
 
     def __init__(self, limit: int, name: str):
         self._loop = asyncio.new_event_loop()
@@ -236,20 +249,19 @@ class AsyncRunner:
         self._thread.start()
         self._semaphore: asyncio.Semaphore | None = None
 
+    @property
+    def slot(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # made on the loop's own thread
+            self._semaphore = asyncio.Semaphore(self._limit)
+        return self._semaphore
+
     def submit(self, req_id: str, make: Callable[[], Any]) -> None:
         self._loop.call_soon_threadsafe(self._start, req_id, make)
 
     def _start(self, req_id: str, make: Callable[[], Any]) -> None:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self._limit)
-        task = self._loop.create_task(self._run(make))
+        task = self._loop.create_task(make())
         self._tasks[req_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(req_id, None))
-
-    async def _run(self, make: Callable[[], Any]) -> None:
-        assert self._semaphore is not None
-        async with self._semaphore:
-            await make()
 
     def cancel(self, req_id: str) -> None:
         self._loop.call_soon_threadsafe(self._cancel, req_id)
@@ -276,7 +288,9 @@ def _result_or_error(result: Any) -> tuple[str | None, dict[str, Any] | None]:
         return json.dumps(result), None  # what cannot be stored fails here
     except (TypeError, ValueError) as exc:
         return None, failure(
-            "bad_result", f"executor returned a result that is not JSON: {exc}", retryable=False
+            FailureKind.BAD_RESULT,
+            f"executor returned a result that is not JSON: {exc}",
+            retryable=False,
         )
 
 
@@ -292,6 +306,9 @@ def child_main(
     # here at once would fail the running tasks instead of letting them finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A process group of its own, so a kill takes whatever it started with it (a launcher
+    # such as torchrun and its workers) and no GPU is left held by an orphan.
+    os.setpgrp()
     if cuda_visible is not None:
         # Before the executor (and torch) is imported: CUDA reads it once, at its start.
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
@@ -319,6 +336,7 @@ def child_main(
 
     conn.send(("ready", safe_health()))
     cancels: dict[str, threading.Event] = {}
+    queued: dict[str, Request] = {}  # every request not yet answered
     finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
 
     def context(req: Request) -> TaskContext:
@@ -353,18 +371,40 @@ def child_main(
         )
         finished.put(Finished(req, cancels[req.req_id], responses, result_json, error))
 
+    # Sync tasks wait in the threads' queue for a free thread; one cancelled meanwhile is
+    # answered at once by the main thread (never run), so its stop needs no kill.
+    started: set[str] = set()
+    answered: set[str] = set()
+    turns = threading.Lock()
+
+    def stopped_before_start(req: Request) -> None:
+        with turns:
+            if req.req_id in started or req.req_id in answered:
+                return
+            answered.add(req.req_id)
+        error = failure(FailureKind.CANCELLED, "stopped by the worker before it started")
+        hand_over(req, time.time(), time.monotonic(), None, error)
+
     def run_one(req: Request) -> None:
         """Run one task on this thread."""
+        with turns:
+            if req.req_id in answered:
+                answered.discard(req.req_id)
+                return
+            started.add(req.req_id)
         started_at, t0 = time.time(), time.monotonic()
         result: Any = None
         error: dict[str, Any] | None = None
         token = _current.set(req)
+        task_logs.open_task(req.req_id)
         try:
             result = executor.run(context(req))
         except BaseException as exc:  # every failure goes back to the parent, typed
             error = describe_failure(exc)
         finally:
             _current.reset(token)
+            with turns:
+                started.discard(req.req_id)
         hand_over(req, started_at, t0, result, error)
 
     async def arun_one(req: Request) -> None:
@@ -373,26 +413,32 @@ def child_main(
         result: Any = None
         error: dict[str, Any] | None = None
         _current.set(req)  # this coroutine's own context
+        assert runner is not None
         try:
-            result = await executor.arun(context(req))
-        except asyncio.CancelledError:
-            error = failure("cancelled", "stopped by the worker", retryable=False, charge=False)
+            async with runner.slot:
+                task_logs.open_task(req.req_id)
+                result = await executor.arun(context(req))
+        except asyncio.CancelledError as exc:
+            if cancels[req.req_id].is_set():
+                error = failure(FailureKind.CANCELLED, "stopped by the worker")
+            else:  # the executor's own cancellation, not a stop: a failure like any other
+                error = describe_failure(exc)
         except BaseException as exc:
             error = describe_failure(exc)
         hand_over(req, started_at, t0, result, error)
 
     def finish(done: Finished) -> Reply:
         task_logs.close_task(done.request.req_id)
+        queued.pop(done.request.req_id, None)
         result_json, error = done.result_json, done.error
         wrote = False
         try:
-            # A stopped attempt (timeout, cancel, superseded) is recorded by the worker,
+            # A stopped attempt (timeout, cancel, superseded) is finalised by the worker,
             # which knows why it stopped it; its files never replace the live attempt's.
-            wrote = finalise(
-                done.request.task_dir, done.responses, counts=not done.cancelled.is_set()
-            )
+            if not done.cancelled.is_set():
+                wrote = finalise(done.request.task_dir, done.responses, counts=True)
         except Exception as exc:  # disk full, say: a fault of the worker, retried
-            error = failure("worker_error", f"writing outputs failed: {exc}")
+            error = failure(FailureKind.WORKER_ERROR, f"writing outputs failed: {exc}")
             result_json = None
         cancels.pop(done.request.req_id, None)
         return Reply(done.request.req_id, error is None, result_json, error, wrote)
@@ -424,11 +470,13 @@ def child_main(
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            # The worker is gone; nobody is left to take the results.
-            os._exit(0)
+            # The worker is gone; nobody is left to take the results. Take the processes
+            # this one started along.
+            os.killpg(0, signal.SIGKILL)
         if message[0] == "run":
             for req in message[1]:
                 cancels[req.req_id] = threading.Event()
+                queued[req.req_id] = req
                 if runner is not None:
                     runner.submit(req.req_id, functools.partial(arun_one, req))
                 else:
@@ -440,6 +488,8 @@ def child_main(
                 event.set()
                 if runner is not None:
                     runner.cancel(message[1])
+                elif message[1] in queued:
+                    stopped_before_start(queued[message[1]])
         elif message[0] == "stop":
             break
     if runner is not None:

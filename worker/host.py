@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from executors.base import Executor, ExecutorConfig
-from flowmesh.errors import failure
+from flowmesh.failures import FailureKind, failure
 from flowmesh.status import ExecutorState
 from flowmesh.workers import ExecutorStatus
 from worker.child import Reply, Request, child_main
@@ -36,13 +38,15 @@ log = logging.getLogger(__name__)
 # A task whose child was killed because of another task (or a hand-back): not its
 # fault, so it is re-placed at once and the attempt is not charged.
 INTERRUPTED = failure(
-    "interrupted",
+    FailureKind.INTERRUPTED,
     "executor process was stopped because of another task; handed back",
     type="ExecutorInterrupted",
     charge=False,
 )
-# Setup is retried with this backoff (doubling) while it keeps failing.
+# Setup is retried with this backoff (doubling) while it keeps failing, and a child that
+# dies within STABLE_SEC of becoming ready is restarted after the same backoff.
 SETUP_RETRY_SEC = (5.0, 300.0)
+STABLE_SEC = 30.0
 
 
 class ExecutorFailure(Exception):
@@ -60,7 +64,7 @@ def _not_ready(name: str, why: str) -> ExecutorFailure:
     re-placed at once, uncharged, on a worker whose executor is ready."""
     return ExecutorFailure(
         failure(
-            "executor_failed",
+            FailureKind.EXECUTOR_FAILED,
             f"executor {name!r} is not available on this worker: {why}",
             type="ExecutorNotReady",
             charge=False,
@@ -86,7 +90,6 @@ class ExecutorProcess:
         self.health: dict[str, Any] = {}
         self.status = ExecutorStatus(ExecutorState.STARTING, time.time())
         self._on_state = on_state
-        self._changed = asyncio.Event()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -115,8 +118,6 @@ class ExecutorProcess:
         if state is self.status.state and reason == self.status.reason:
             return
         self.status = ExecutorStatus(state, time.time(), reason)
-        self._changed.set()
-        self._changed = asyncio.Event()
         if state is ExecutorState.FAILED:
             log.error("executor %s failed to start: %s", self.name, reason)
         else:
@@ -156,14 +157,14 @@ class ExecutorProcess:
         log.info("executor %s: child process %s started", self.name, proc.pid)
         await self._ready
 
-    async def wait_ready(self) -> None:
-        """Until the supervised child is ready; ExecutorFailure when its setup failed."""
-        while True:
-            if self.status.state is ExecutorState.READY and self.alive:
-                return
-            if self.status.state is ExecutorState.FAILED:
-                raise _not_ready(self.name, self.status.reason or "setup failed")
-            await self._changed.wait()
+    def check_ready(self) -> None:
+        """ExecutorFailure (uncharged, re-placed at once) unless the supervised child is
+        ready now. A task never waits here for a start or a restart that may take minutes
+        (a model load) or never end: placement waits for `ready` instead, on any worker."""
+        if self.status.state is ExecutorState.READY and self.alive:
+            return
+        why = self.status.reason if self.status.state is ExecutorState.FAILED else None
+        raise _not_ready(self.name, why or f"it is {self.status.state.value}")
 
     async def exited(self) -> None:
         """Until the current child has exited and its tasks have been failed over."""
@@ -203,10 +204,14 @@ class ExecutorProcess:
         return list(self._pending)
 
     def kill(self, reasons: dict[str, dict[str, Any]]) -> None:
-        """SIGKILL the child: for hangs, timeouts, cancels that were not heeded, hand-back."""
+        """SIGKILL the child and every process it started (its own process group: a
+        launcher's workers, say): for hangs, timeouts, unheeded cancels, hand-back."""
         if self._proc is not None and self._proc.is_alive():
             self._kill_reasons = {**(self._kill_reasons or {}), **reasons}
-            self._proc.kill()
+            try:
+                os.killpg(self._proc.pid or 0, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self._proc.kill()
 
     async def stop(self, timeout: float = 5.0) -> None:
         proc, conn = self._proc, self._conn
@@ -265,7 +270,7 @@ class ExecutorProcess:
             if self._ready is not None and self._ready.done():
                 log.warning("executor %s: child %s exited with code %s", self.name, proc.pid, code)
             default = failure(
-                "crash",
+                FailureKind.CRASH,
                 f"executor {self.name!r} process exited with code {code}",
                 type="ExecutorCrashed",
             )
@@ -348,9 +353,17 @@ class ExecutorHost:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, SETUP_RETRY_SEC[1])
                 continue
-            delay = SETUP_RETRY_SEC[0]
             proc.set_state(ExecutorState.READY)
+            ready_at = time.monotonic()
             await proc.exited()
+            if time.monotonic() - ready_at < STABLE_SEC and not self._stopping:
+                # Died soon after it started (a crash on every first task, say): back off
+                # rather than restart in a tight loop.
+                proc.set_state(ExecutorState.STARTING, "restarting after a crash")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SETUP_RETRY_SEC[1])
+            else:
+                delay = SETUP_RETRY_SEC[0]
 
     def states(self) -> dict[str, ExecutorStatus]:
         out = {name: p.status for name, p in self.procs.items()}
@@ -363,20 +376,25 @@ class ExecutorHost:
     def isolated(self, name: str) -> bool:
         return self.classes[name].isolation == "task"
 
-    async def run(self, request: Request, gpus: tuple[Gpu, ...]) -> Reply:
-        """Run one task in its executor's child; raises ExecutorFailure."""
-        name = request.task_type
+    def check_ready(self, name: str) -> None:
+        """ExecutorFailure unless a task for `name` can start here now."""
         if name not in self.classes:
             raise ExecutorFailure(
                 failure(
-                    "permanent",
+                    FailureKind.PERMANENT,
                     f"worker {self.worker_id} has no executor {name!r}",
                     retryable=False,
                 )
             )
         if not self.isolated(name):
+            self.procs[name].check_ready()
+
+    async def run(self, request: Request, gpus: tuple[Gpu, ...]) -> Reply:
+        """Run one task in its executor's child; raises ExecutorFailure."""
+        name = request.task_type
+        self.check_ready(name)
+        if not self.isolated(name):
             proc = self.procs[name]
-            await proc.wait_ready()
             ordinals = tuple(self.gpus.index(g) for g in gpus)
             return await proc.run(_with_devices(request, ordinals))
         config = ExecutorConfig(
@@ -393,8 +411,10 @@ class ExecutorHost:
                 raise ExecutorFailure(exc.info) from None
             return await proc.run(_with_devices(request, config.devices))
         finally:
+            # Even when the call is cancelled (a stop): the process must be gone before
+            # its GPUs are given to anyone else.
+            await asyncio.shield(proc.stop())
             self._isolated.pop(request.req_id, None)
-            await proc.stop()
 
     def process_of(self, req_id: str, name: str) -> ExecutorProcess | None:
         """The child that holds (or will hold) this request."""

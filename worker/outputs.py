@@ -17,6 +17,7 @@ the result is recorded in Redis, so a reader who sees DONE sees whole files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,11 @@ from typing import Any
 RESPONSES = "responses.json"
 MANIFEST = "manifest.json"
 ATTEMPTS = "attempts"
-# What an attempt leaves at the top level when it counts (moved aside as a whole later).
-TOP_LEVEL = (RESPONSES, MANIFEST, "logs", "artifacts")
+# What an attempt leaves at the top level when it counts, in the order it is moved aside
+# later: the manifest last, so top-level files without a manifest are never an attempt's
+# whole set (a crash part-way leaves them as orphans, see `_clear_orphans`).
+TOP_LEVEL = (RESPONSES, "logs", "artifacts", MANIFEST)
+ORPHANS = "orphaned"
 
 
 def attempt_dir(task_dir: Path | str, attempt: int) -> Path:
@@ -52,6 +56,22 @@ def _write(path: str, data: bytes) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def _write_replace(path: str, data: bytes) -> None:
+    """Write whole or not at all: a reader (or a crash) never sees half a manifest."""
+    tmp = f"{path}.tmp"
+    _write(tmp, data)
+    os.replace(tmp, path)
+
+
+def _move(src: str, dest: str) -> None:
+    """Move a file or directory over whatever is at `dest`; a source another process moved
+    first (two workers sharing RESULTS_DIR) is not an error."""
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        shutil.rmtree(dest, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(src, dest)
 
 
 def _files(root: str, rel: str = "", skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -114,10 +134,18 @@ def _move_aside(root: str, attempt: int) -> None:
         src = os.path.join(root, name)
         if os.path.lexists(src):
             os.makedirs(dest, exist_ok=True)
-            target = os.path.join(dest, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(src, target)
+            _move(src, os.path.join(dest, name))
+
+
+def _clear_orphans(root: str) -> None:
+    """Top-level files with no manifest: an attempt that crashed while finalising left them
+    (its outcome was never recorded). Kept under attempts/orphaned/, not deleted."""
+    for name in TOP_LEVEL:
+        src = os.path.join(root, name)
+        if os.path.lexists(src):
+            dest = os.path.join(root, ATTEMPTS, ORPHANS, f"{time.time():.6f}")
+            os.makedirs(dest, exist_ok=True)
+            _move(src, os.path.join(dest, name))
 
 
 def _manifest(root: str, responses: dict[str, Any], data: bytes, listing: bool) -> bytes:
@@ -165,21 +193,26 @@ def finalise(task_dir: Path | str, responses: dict[str, Any], *, counts: bool) -
     if counts and (on_top is None or on_top <= attempt):
         if on_top is not None and on_top < attempt:
             _move_aside(root, on_top)
+        elif on_top is None:
+            _clear_orphans(root)
         if os.path.isdir(work):
+            # Its own files move up; an earlier write of its outcome into its directory
+            # (it was first recorded as stopped) would contradict the top level.
+            for name in (RESPONSES, MANIFEST):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(work, name))
             for name in ("logs", "artifacts"):
                 src = os.path.join(work, name)
                 if os.path.isdir(src):
-                    dest = os.path.join(root, name)
-                    if os.path.isdir(dest):
-                        shutil.rmtree(dest)
-                    os.replace(src, dest)
+                    _move(src, os.path.join(root, name))
             _remove_if_empty(work)
         _write(os.path.join(root, RESPONSES), data)
-        _write(os.path.join(root, MANIFEST), _manifest(root, responses, data, listing=True))
+        manifest = _manifest(root, responses, data, listing=True)
+        _write_replace(os.path.join(root, MANIFEST), manifest)
         return True
     os.makedirs(work, exist_ok=True)
     _write(os.path.join(work, RESPONSES), data)
-    _write(os.path.join(work, MANIFEST), _manifest(work, responses, data, listing=True))
+    _write_replace(os.path.join(work, MANIFEST), _manifest(work, responses, data, listing=True))
     return False
 
 

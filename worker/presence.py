@@ -54,6 +54,7 @@ class Presence:
         )
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._flag_lock = threading.Lock()
         self._executors_changed = False
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         # Seconds between the last two beats that reached Redis, for the log and tests.
@@ -82,7 +83,8 @@ class Presence:
     def nudge(self, executors_changed: bool = False) -> None:
         """Beat now (thread-safe); with `executors_changed` the orchestrator is told."""
         if executors_changed:
-            self._executors_changed = True
+            with self._flag_lock:
+                self._executors_changed = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -106,20 +108,31 @@ class Presence:
                 log.exception("heartbeat failed")
 
     def beat(self) -> None:
-        changed, self._executors_changed = self._executors_changed, False
+        with self._flag_lock:
+            changed, self._executors_changed = self._executors_changed, False
+        try:
+            presence = self._snapshot()
+        except Exception:  # a bug or a broken reading must not cost the beat itself
+            log.exception("heartbeat: reading the worker's state failed; beating without it")
+            presence = None
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                workers.beat(
-                    pipe,
-                    self.keys,
-                    self.worker_id,
-                    self._snapshot(),
-                    self.ttl,
-                    executors_changed=changed,
-                )
+                if presence is None:
+                    workers.beat_only(pipe, self.keys, self.worker_id, self.ttl)
+                else:
+                    workers.beat(
+                        pipe,
+                        self.keys,
+                        self.worker_id,
+                        presence,
+                        self.ttl,
+                        executors_changed=changed,
+                    )
                 registered = pipe.execute()[0]
         except BaseException:
-            self._executors_changed = self._executors_changed or changed
+            if changed:
+                with self._flag_lock:
+                    self._executors_changed = True
             raise
         now = time.monotonic()
         self.last_gap, self._last_beat = now - self._last_beat, now

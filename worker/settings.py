@@ -57,6 +57,9 @@ class WorkerSettings:
     cancel_grace: float
     # WORKER_GPUS as written (indices or UUIDs); resolved against NVML at start.
     gpus: str
+    # CUDA_VISIBLE_DEVICES the worker was started with (None: unset), used when WORKER_GPUS
+    # is not: a worker confined to some GPUs (a container runtime, a batch system) keeps to them.
+    inherited_gpus: str | None
     max_warm_models: int
     # Fault injection for the crash tests: {"before_settle": seconds} pauses there.
     failpoints: dict[str, float]
@@ -96,6 +99,7 @@ class WorkerSettings:
             drain_timeout=env_float(env, "WORKER_DRAIN_TIMEOUT_SEC", 60.0, minimum=0.0),
             cancel_grace=env_float(env, "WORKER_CANCEL_GRACE_SEC", 5.0, minimum=0.0),
             gpus=env_str(env, "WORKER_GPUS"),
+            inherited_gpus=env.get("CUDA_VISIBLE_DEVICES"),
             max_warm_models=env_int(env, "MAX_WARM_MODELS", 2, minimum=1, maximum=64),
             failpoints=parse_failpoints(env_str(env, "FLOWMESH_FAILPOINTS")),
         )

@@ -25,14 +25,15 @@ from redis.exceptions import RedisError
 
 from executors.base import Executor
 from flowmesh import __version__, workers
-from flowmesh.errors import failure
+from flowmesh.errors import ConfigError
+from flowmesh.failures import FailureKind, failure
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.status import TaskStatus, WorkerStatus
 from flowmesh.store import Delivery, Ending, TaskStore
 from flowmesh.workers import WorkerPresence, WorkerRecord
 from worker.attempt import HANDED_BACK, Attempt, Attempts
 from worker.devices import DeviceAllocator, select_gpus
-from worker.hardware import Hardware, Nvml, detect, sample_load
+from worker.hardware import Gpu, Hardware, Nvml, detect, sample_load
 from worker.host import ExecutorHost
 from worker.presence import Presence
 from worker.settings import WorkerSettings
@@ -53,8 +54,8 @@ class Worker:
         self.executors = sorted(executors)
         self.nvml = Nvml()
         detected: Hardware = detect(self.nvml, cpus=settings.cpus, memory=settings.memory)
-        gpus = select_gpus(settings.gpus, detected.gpus)
-        # The record offers only the GPUs WORKER_GPUS leaves us.
+        gpus = usable_gpus(settings, detected.gpus)
+        # The record offers only the GPUs WORKER_GPUS (or CUDA_VISIBLE_DEVICES) leaves us.
         self.hardware = Hardware(
             detected.hostname, detected.platform, detected.cpu_count, detected.memory_total, gpus
         )
@@ -62,6 +63,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._drain_now = asyncio.Event()
         self._devices_view: dict[str, list[int]] = {}
+        # CPU, memory and GPU readings, refreshed each interval off the heartbeat thread (an
+        # NVML call can hang on a failing GPU; a beat must not wait for it).
+        self._load: dict[str, object] = {}
         self.devices = DeviceAllocator(gpus)
         self.presence = Presence(
             settings.redis_url,
@@ -90,7 +94,7 @@ class Worker:
             worker_id=self.id,
             log_level=settings.log_level,
             gpus=gpus,
-            gpus_known=self.nvml.available or bool(settings.gpus),
+            gpus_known=self.nvml.available,
             max_warm_models=settings.max_warm_models,
             on_change=lambda: self.presence.nudge(executors_changed=True),
         )
@@ -106,6 +110,7 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         # Presence first: from here on the worker beats, whatever its executors are doing.
+        self._load = await asyncio.to_thread(sample_load, self.nvml)
         await asyncio.to_thread(self.presence.register)
         self.presence.start()
         self._log_registered()
@@ -137,19 +142,12 @@ class Worker:
             self._stopping.set()
             self.attempts.slot_freed.set()
             # Tell the orchestrator now, not at the next beat: dispatch.lua refuses a
-            # draining worker, so nothing new lands in an inbox nobody will read.
-            self.attempts.spawn(self._mark_draining())
+            # draining worker, so nothing new lands in an inbox nobody will read. The
+            # presence thread writes it, so no beat in flight can write `busy` over it.
+            self.presence.nudge()
         else:
             log.info("worker %s: second stop signal; handing back running tasks now", self.id)
             self._drain_now.set()
-
-    async def _mark_draining(self) -> None:
-        try:
-            async with self.conn.pipeline(transaction=False) as pipe:
-                workers.mark_status(pipe, self.keys, self.id, WorkerStatus.DRAINING)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("could not mark worker %s draining: %s", self.id, exc)
 
     def _presence(self) -> WorkerPresence:
         """What the next heartbeat writes. Called on the heartbeat thread: it only reads
@@ -170,7 +168,7 @@ class Worker:
             loaded_models=self.host.loaded_models(),
             executor_states=self.host.states(),
             devices=self._devices_view,
-            load=sample_load(self.nvml),
+            load=self._load,
             cost_accrued=self.settings.cost_per_hour * (now - self.started_at) / 3600.0,
         )
 
@@ -229,6 +227,10 @@ class Worker:
         k = self.keys
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                self._load = await asyncio.to_thread(sample_load, self.nvml)
+            except Exception as exc:  # psutil or NVML: the beat goes on without a reading
+                log.warning("reading the machine's load failed: %s", exc)
             running = list(self.running.values())
             if not running:
                 continue
@@ -242,10 +244,12 @@ class Worker:
                 continue
             for r, (task_status, attempts, worker_id) in zip(running, replies, strict=True):
                 if task_status == TaskStatus.CANCELLED.value:
-                    self.attempts.stop_soon(r, failure("cancelled", "cancelled by request"))
+                    self.attempts.stop_soon(
+                        r, failure(FailureKind.CANCELLED, "cancelled by request")
+                    )
                 elif attempts != str(r.delivery.attempt) or worker_id != self.id:
                     self.attempts.stop_soon(
-                        r, failure("superseded", "a newer attempt of this task exists")
+                        r, failure(FailureKind.SUPERSEDED, "a newer attempt of this task exists")
                     )
 
     async def _control_loop(self) -> None:
@@ -259,7 +263,9 @@ class Worker:
                     if len(parts) == 3 and parts[0] == "cancel":
                         r = self.running.get(parts[1])
                         if r is not None and str(r.delivery.attempt) == parts[2]:
-                            self.attempts.stop_soon(r, failure("cancelled", "cancelled by request"))
+                            self.attempts.stop_soon(
+                                r, failure(FailureKind.CANCELLED, "cancelled by request")
+                            )
             except (RedisError, OSError) as exc:
                 log.warning("control channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(1.0)
@@ -299,11 +305,13 @@ class Worker:
             for stream_id, fields in entries:
                 if not fields:
                     continue  # acked meanwhile
-                if fields["task_id"] in self.running:
-                    # An attempt of the same task is still ending here (stopped as
-                    # superseded, say): come back to this entry when it has.
-                    attempts.reread = True
-                    continue
+                current = self.running.get(fields["task_id"])
+                if current is not None:
+                    if current.delivery.stream_id != stream_id:
+                        # An attempt of the same task is still ending here (stopped as
+                        # superseded, say): come back to this entry when it has.
+                        attempts.reread = True
+                    continue  # else: our own running attempt, met again on a re-read
                 delivery = Delivery.from_entry(stream_id, fields)
                 self.running[delivery.task_id] = Attempt(delivery)
                 batch.append(delivery)
@@ -373,3 +381,24 @@ class Worker:
             self.host.kill_busy(HANDED_BACK)
         if tasks:
             await asyncio.wait(set(tasks))
+
+
+def usable_gpus(settings: WorkerSettings, detected: list[Gpu]) -> list[Gpu]:
+    """WORKER_GPUS when set; else the CUDA_VISIBLE_DEVICES the worker was started with, when
+    it names GPUs NVML knows (indices or UUIDs); else every GPU NVML sees."""
+    if settings.gpus:
+        return select_gpus(settings.gpus, detected)
+    inherited = settings.inherited_gpus
+    if inherited is None or not detected:
+        return detected
+    if not inherited.strip():
+        return []  # started with no GPU visible: offer none
+    try:
+        return select_gpus(inherited, detected)
+    except ConfigError:
+        log.warning(
+            "CUDA_VISIBLE_DEVICES=%s does not name GPUs NVML sees; offering all of them "
+            "(set WORKER_GPUS to choose)",
+            inherited,
+        )
+        return detected

@@ -5,6 +5,7 @@ process per task, executor states, and the files an attempt leaves."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import psutil
 import pytest
@@ -85,6 +86,29 @@ class Isolated(Executor):
         return {"pid": os.getpid()}
 
 
+class Flaky(Executor):
+    name = "flaky"
+
+    def run(self, task):
+        task.log.info("attempt %d", task.attempt)
+        if task.attempt == 1:
+            raise RuntimeError("transient failure")
+        task.artifacts_dir.mkdir(parents=True)
+        (task.artifacts_dir / "out.txt").write_text("second time lucky")
+        return {"attempt": task.attempt}
+
+
+class Serial(Executor):
+    '''One task at a time; the others wait their turn inside the process.'''
+
+    name = "serial"
+    options = BatchOptions
+
+    def run(self, task):
+        task.cancelled.wait(task.options.holdSec)
+        return {"pid": os.getpid(), "value": task.options.value}
+
+
 class Broken(Executor):
     name = "broken"
 
@@ -101,7 +125,14 @@ def plugin(install_plugin) -> str:
     return install_plugin(
         "fm_execplugin",
         PLUGIN,
-        {"greet": "Greet", "batcher": "Batcher", "isolated": "Isolated", "broken": "Broken"},
+        {
+            "greet": "Greet",
+            "batcher": "Batcher",
+            "isolated": "Isolated",
+            "flaky": "Flaky",
+            "serial": "Serial",
+            "broken": "Broken",
+        },
     )
 
 
@@ -231,3 +262,62 @@ def test_executor_states_show_in_the_api_and_a_failed_executor_holds_only_its_ta
     )
     assert task["status"] == "PENDING"
     assert task["attempts"] == 0
+
+
+def test_the_attempt_that_counts_is_on_top_and_the_failed_one_is_kept_beside_it(
+    orchestrator, start_worker, plugin, results_dir
+):
+    start_worker("w1", WORKER_EXECUTORS="flaky", PYTHONPATH=plugin)
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "flaky", "retryBackoffSec": 0}})
+    task = orchestrator.wait(task_id)
+    assert task["status"] == "DONE" and task["attempts"] == 2, task
+    top = results_dir / task_id
+    assert json.loads((top / "responses.json").read_text())["attempt"] == 2
+    manifest = json.loads((top / "manifest.json").read_text())
+    assert (manifest["attempt"], manifest["earlier_attempts"]) == (2, [1])
+    assert (top / "artifacts" / "out.txt").read_text() == "second time lucky"
+    assert "attempt 2" in (top / "logs" / "executor.log").read_text()
+    first = top / "attempts" / "1"
+    failed = json.loads((first / "responses.json").read_text())
+    assert failed["error"]["message"] == "transient failure"
+    assert "attempt 1" in (first / "logs" / "executor.log").read_text()
+
+
+def test_the_orchestrator_validates_options_without_loading_torch(start_orchestrator):
+    orchestrator = start_orchestrator()
+    r = orchestrator.http.post(
+        "/api/v1/tasks",
+        json={
+            "spec": {
+                "taskType": "inference",
+                "model": {"source": {"identifier": "org/model"}},
+                "data": {"items": ["hi"]},
+                "inference": {"temperature": 99},
+            }
+        },
+    )
+    assert errors(r) == {"spec.inference.temperature": "Input should be less than or equal to 10"}
+    maps = Path(f"/proc/{orchestrator.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "torch/lib" not in maps
+
+
+def test_cancelling_a_task_that_waits_its_turn_in_the_process_kills_nothing(
+    orchestrator, start_worker, plugin
+):
+    worker = start_worker(
+        "w1",
+        WORKER_EXECUTORS="serial",
+        WORKER_SLOTS="3",
+        WORKER_CANCEL_GRACE_SEC="1",
+        PYTHONPATH=plugin,
+    )
+    first, waiting = orchestrator.submit(
+        {"spec": {"taskType": "serial", "serial": {"value": 1, "holdSec": 4}}},
+        {"spec": {"taskType": "serial", "serial": {"value": 2, "holdSec": 4}}},
+    )
+    orchestrator.wait(waiting, ("RUNNING",))  # placed and sent to the busy process
+    assert orchestrator.http.post(f"/api/v1/tasks/{waiting}/cancel").status_code == 200
+    assert orchestrator.wait(waiting)["status"] == "CANCELLED"
+    done = orchestrator.wait(first)
+    assert done["status"] == "DONE" and done["attempts"] == 1, done
+    assert "killed on purpose" not in worker.log()

@@ -119,3 +119,21 @@ def test_worker_gpus_unknown_item_names_it_and_what_exists() -> None:
     assert "0 (NVIDIA H100 80GB HBM3, GPU-aaaa-0000)" in message
     with pytest.raises(ConfigError, match=r"WORKER_GPUS.*'GPU-x'.*no NVIDIA GPU visible"):
         select_gpus("GPU-x", [])
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ALL),
+        ({"WORKER_GPUS": "1", "CUDA_VISIBLE_DEVICES": "0"}, [H100_1]),  # WORKER_GPUS wins
+        ({"CUDA_VISIBLE_DEVICES": "GPU-cccc-2222,0"}, [H100_0, A10]),
+        ({"CUDA_VISIBLE_DEVICES": ""}, []),  # started with no GPU visible: none offered
+        ({"CUDA_VISIBLE_DEVICES": "MIG-xyz"}, ALL),  # not NVML's names: all, with a warning
+    ],
+)
+def test_the_gpus_a_worker_offers(env: dict[str, str], expected: list[Gpu]) -> None:
+    from worker.settings import WorkerSettings
+    from worker.worker import usable_gpus
+
+    settings = WorkerSettings.from_env({"REDIS_URL": "redis://x", **env})
+    assert usable_gpus(settings, ALL) == expected

@@ -104,3 +104,29 @@ def test_the_same_attempt_rewrites_its_own_files_whole(tmp_path):
     assert json.loads((out / "responses.json").read_text())["status"] == "FAILED"
     (entry,) = manifest(out)["files"]
     assert entry["sha256"] == sha(out / "responses.json")
+
+
+def test_a_stop_recorded_after_the_attempt_wrote_its_own_directory_leaves_no_contradiction(
+    tmp_path,
+):
+    # A timeout lands after the attempt's outcome went into attempts/1 as not counting;
+    # the worker then finalises the timeout, which counts: one story, on top.
+    out = tmp_path / "t7"
+    (attempt_dir(out, 1) / "logs").mkdir(parents=True)
+    (attempt_dir(out, 1) / "logs" / "executor.log").write_text("working\n")
+    finalise(out, responses("t7", 1), counts=False)
+    finalise(out, responses("t7", 1, status="FAILED", result=None), counts=True)
+    assert json.loads((out / "responses.json").read_text())["status"] == "FAILED"
+    assert (out / "logs" / "executor.log").read_text() == "working\n"
+    assert not attempt_dir(out, 1).exists()
+
+
+def test_files_left_on_top_without_a_manifest_are_kept_aside_not_taken_or_deleted(tmp_path):
+    # A crash while an attempt was finalising left its files on top, unrecorded.
+    out = tmp_path / "t8"
+    (out / "artifacts").mkdir(parents=True)
+    (out / "artifacts" / "half.bin").write_bytes(b"x")
+    finalise(out, responses("t8", 2), counts=True)
+    assert [f["path"] for f in manifest(out)["files"]] == ["responses.json"]
+    (kept,) = (out / "attempts" / "orphaned").iterdir()
+    assert (kept / "artifacts" / "half.bin").read_bytes() == b"x"
