@@ -24,11 +24,17 @@ if TYPE_CHECKING:
     import torch
     from transformers import GenerationConfig, GenerationMixin, PreTrainedTokenizerBase
 
-# The OSErrors transformers raises when a model cannot exist as named; any other OSError
-# (no network, a full disk) may pass on another attempt.
+# The OSErrors transformers raises when a model cannot exist as named, and when the hub
+# cannot be reached and the model is not in the cache (no network, HF_HUB_OFFLINE): another
+# attempt on the same worker fails the same way, so neither is retried. Any other OSError
+# (a full disk, a reset mid-download) may pass on another attempt.
 _NOT_FOUND = re.compile(
     r"not a valid (model|git) identifier|is not a local folder|does not appear to have|"
     r"Repo id must|\b404\b"
+)
+_UNREACHABLE = re.compile(
+    r"couldn't connect to|offline mode|Connection refused|Name or service not known|"
+    r"Temporary failure in name resolution|Network is unreachable"
 )
 
 
@@ -237,8 +243,19 @@ class TransformersInferenceExecutor(Executor):
                 source, dtype=dtype, device_map=device, **common
             )
         except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if _NOT_FOUND.search(str(exc)):
-                raise PermanentError(f"model {identifier!r} not found: {exc}") from exc
+                raise PermanentError(
+                    f"model {identifier!r} not found: no such local directory or hub "
+                    f"repository ({first})"
+                ) from exc
+            if _UNREACHABLE.search(str(exc)):
+                raise PermanentError(
+                    f"model {identifier!r} cannot be fetched: the model hub is unreachable from "
+                    "this worker (no network, or HF_HUB_OFFLINE) and the model is not in its "
+                    "cache; give a local path saved with save_pretrained, or fill the worker's "
+                    f"HF cache first ({first})"
+                ) from exc
             raise RetryableError(f"cannot load model {identifier!r}: {exc}") from exc
         except ValueError as exc:  # an unknown architecture or a broken config
             raise PermanentError(f"cannot load model {identifier!r}: {exc}") from exc

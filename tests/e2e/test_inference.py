@@ -85,3 +85,17 @@ def test_missing_model_fails_fast_as_permanent(orchestrator, start_worker, tmp_p
     assert task["status"] == "FAILED"
     assert task["error"]["kind"] == "permanent"
     assert str(missing) in task["error"]["message"]
+
+
+def test_a_hub_model_that_cannot_be_fetched_fails_once_as_permanent_saying_why(
+    orchestrator, start_worker
+):
+    # The test workers run with HF_HUB_OFFLINE=1, as a worker without network would be.
+    start_worker("w1", WORKER_EXECUTORS="inference")
+    (task_id,) = orchestrator.submit(inference_spec("acme/not-cached-anywhere", ["hi"]))
+    task = orchestrator.wait(task_id, timeout=60)
+    assert task["status"] == "FAILED"
+    assert task["attempts"] == 1  # not retried: another attempt cannot fetch it either
+    assert task["error"]["kind"] == "permanent"
+    assert "cannot be fetched" in task["error"]["message"]
+    assert "hub is unreachable" in task["error"]["message"]
