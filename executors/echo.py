@@ -7,12 +7,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from executors.base import Executor, TaskContext
+from flowmesh.spec import Float
 
 
 class EchoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    delaySec: float = Field(0.0, ge=0, le=86_400)
+    delaySec: Float = Field(0.0, ge=0, le=86_400)
     message: Any = None
 
 

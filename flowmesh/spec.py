@@ -7,13 +7,28 @@ Field names follow the design contract: camelCase at the spec's top level
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
+from pydantic.types import AllowInfNan
+from pydantic_core import PydanticCustomError
 
-# Task types the design contract names. A worker may offer more through plugins;
-# the orchestrator accepts those too once a worker advertises them.
+# Task types the design contract names: the catalogue FlowMesh plans executors for.
+# Naming a type here does not make it submittable: the orchestrator accepts a taskType
+# only when an executor for it exists (installed where the orchestrator runs, or offered
+# by a registered worker), so a task never waits forever for an executor nobody wrote.
+# Submitting a catalogue type without one is refused with a hint that it is planned.
 CATALOG_TASK_TYPES = (
     "echo",
     "inference",
@@ -46,27 +61,72 @@ _UNITS = {
     "gib": 2**30,
     "ti": 2**40,
     "tib": 2**40,
+    "p": 10**15,
+    "pb": 10**15,
+    "pi": 2**50,
+    "pib": 2**50,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# The largest size a spec or a setting may name: more than any machine has, small enough
+# that every size is an exact integer in a float and in any JSON reader.
+MAX_BYTES = 2**50
+MAX_BYTES_TEXT = f"1Pi ({MAX_BYTES} bytes)"
 
 
 def parse_bytes(value: Any) -> Any:
-    """'16Gi', '80GB', '512Mi' or a plain number of bytes -> int bytes."""
+    """'16Gi', '80GB', '512Mi' or a plain number of bytes -> int bytes, at most 1Pi."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 16Gi, 80GB or a number of bytes")
     if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, str):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not a size; use e.g. 16Gi, 80GB or a number of bytes")
+        size = int(value)
+    elif isinstance(value, str):
         match = _SIZE.match(value)
-        if match and match.group(2).lower() in _UNITS:
-            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-        raise ValueError(
-            f"cannot read {value!r} as a size; use e.g. 16Gi, 80GB, 512Mi or a number of bytes"
+        if not (match and match.group(2).lower() in _UNITS):
+            raise ValueError(
+                f"cannot read {value!r} as a size; use e.g. 16Gi, 80GB, 512Mi or a number of bytes"
+            )
+        size = int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
+    else:
+        return value
+    if size > MAX_BYTES:
+        raise ValueError(f"{value!r} is more than the largest size accepted, {MAX_BYTES_TEXT}")
+    return size
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+
+
+def _no_bool(value: Any) -> Any:
+    # Python's bool is an int: without this, `priority: true` would be stored as 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_number",
+            "Input should be a number, not the boolean {value}",
+            {"value": str(value).lower()},
         )
     return value
 
 
-Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+def _finite(value: Any) -> Any:
+    value = _no_bool(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError(
+            "finite_number", "Input should be a finite number, not {value}", {"value": value}
+        )
+    return value
+
+
+# Numbers as numbers only: no booleans, no numeric strings ("5"), no 2.0 for an integer;
+# floats also refuse NaN and Infinity.
+Int = Annotated[int, BeforeValidator(_no_bool), Strict()]
+Float = Annotated[float, BeforeValidator(_finite), Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
+
+
+def _not_yet(what: str) -> PydanticCustomError:
+    return PydanticCustomError("not_supported", "not supported yet: {what}", {"what": what})
 
 
 class StrictModel(BaseModel):
@@ -74,19 +134,19 @@ class StrictModel(BaseModel):
 
 
 class GpuRequest(StrictModel):
-    count: int = Field(0, ge=0, le=64)
+    count: Int = Field(0, ge=0, le=64)
     type: str | None = Field(None, description="Substring of the GPU name, e.g. H100")
     memory: Bytes | None = Field(None, description="VRAM per GPU, e.g. 40Gi")
 
 
 class HardwareRequest(StrictModel):
-    cpu: float | None = Field(None, ge=0, le=4096, description="CPU cores")
+    cpu: Float | None = Field(None, ge=0, le=4096, description="CPU cores")
     memory: Bytes | None = Field(None, description="RAM, e.g. 16Gi")
     gpu: GpuRequest = Field(default_factory=GpuRequest)
 
 
 class Resources(StrictModel):
-    replicas: int = Field(1, ge=1, le=1, description="Only 1 is supported for now")
+    replicas: Int = Field(1, ge=1, le=1, description="Only 1 is supported for now")
     hardware: HardwareRequest = Field(default_factory=HardwareRequest)
     tags: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=list, max_length=64
@@ -101,8 +161,19 @@ class ModelSource(StrictModel):
 class ModelSpec(StrictModel):
     source: ModelSource
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    trust_remote_code: bool = False
-    vllm: dict[str, Any] = Field(default_factory=dict)
+    trust_remote_code: Bool = False
+    vllm: dict[str, Any] = Field(
+        default_factory=dict, description="Reserved for the vLLM executor; must be empty now"
+    )
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_not_yet(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Accepting keys nothing reads would be accepting-then-ignoring; the vLLM
+        # executor will validate this section with its own options model.
+        if value:
+            raise _not_yet("no executor uses it (the vLLM executor will)")
+        return value
 
 
 class DataSpec(StrictModel):
@@ -110,15 +181,52 @@ class DataSpec(StrictModel):
     items: list[Any] = Field(default_factory=list, max_length=100_000)
 
 
+_OUTPUTS_STAY = "a task's outputs stay on its worker under RESULTS_DIR/<task_id>/"
+
+
 class OutputDestination(StrictModel):
+    """Where a task's outputs go. Only `local` (the worker's RESULTS_DIR) works today:
+    the other fields are refused, not ignored, until artifact upload over HTTP (which
+    comes with the training executor) reads them."""
+
     type: Literal["local", "http"] = "local"
     path: str | None = None
     url: str | None = None
 
+    @field_validator("type")
+    @classmethod
+    def _local_only(cls, value: str) -> str:
+        if value != "local":
+            raise _not_yet(
+                f"artifact upload over HTTP comes with the training executor; {_OUTPUTS_STAY}"
+            )
+        return value
+
+    @field_validator("path", "url")
+    @classmethod
+    def _no_target(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise _not_yet(
+                f"nothing reads it ({_OUTPUTS_STAY}); it comes with artifact upload over HTTP"
+            )
+        return value
+
 
 class OutputSpec(StrictModel):
     destination: OutputDestination = Field(default_factory=OutputDestination)
-    artifacts: list[str] = Field(default_factory=list)
+    artifacts: list[str] = Field(
+        default_factory=list, description="Reserved for artifact upload; must be empty now"
+    )
+
+    @field_validator("artifacts")
+    @classmethod
+    def _no_selection(cls, value: list[str]) -> list[str]:
+        if value:
+            raise _not_yet(
+                "nothing reads it: every file an executor writes under its artifacts "
+                f"directory is kept ({_OUTPUTS_STAY}); choosing artifacts comes with upload"
+            )
+        return value
 
 
 class TaskBody(BaseModel):
@@ -135,10 +243,10 @@ class TaskBody(BaseModel):
     model: ModelSpec | None = None
     data: DataSpec | None = None
     output: OutputSpec | None = None
-    priority: int = Field(0, ge=-1000, le=1000)
-    timeoutSec: float | None = Field(None, gt=0, le=7 * 86_400)
-    maxAttempts: int = Field(3, ge=1, le=100, description="Real failures allowed before FAILED")
-    retryBackoffSec: float = Field(
+    priority: Int = Field(0, ge=-1000, le=1000)
+    timeoutSec: Float | None = Field(None, gt=0, le=7 * 86_400)
+    maxAttempts: Int = Field(3, ge=1, le=100, description="Real failures allowed before FAILED")
+    retryBackoffSec: Float = Field(
         1.0, ge=0, le=3600, description="First retry delay; doubles per failure, capped at 300 s"
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from flowmesh.client import ApiError, Client
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 
 def post(orch, body: str | bytes, content_type: str = "application/yaml") -> httpx.Response:
@@ -37,14 +38,174 @@ def test_malformed_json_is_400(orchestrator, rdb):
     assert nothing_stored(rdb)
 
 
-def test_unknown_task_type_is_422_listing_the_allowed_ones(orchestrator, rdb):
+NO_EXECUTOR = "no executor {!r} is installed here or offered by any registered worker; "
+
+
+def test_a_type_no_executor_runs_is_422_listing_the_executors_that_exist(orchestrator, rdb):
     r = post(orchestrator, "spec:\n  taskType: teleport\n")
     assert r.status_code == 422
     (err,) = r.json()["errors"]
     assert err["loc"] == "spec.taskType"
-    assert "unknown task type 'teleport'" in err["msg"]
-    assert "echo" in err["msg"] and "inference" in err["msg"]
+    assert err["msg"] == NO_EXECUTOR.format("teleport") + "available: echo, inference"
+    # A catalogue type is refused too until its executor exists: it would wait forever.
+    r = post(orchestrator, "spec:\n  taskType: sft\n")
+    assert r.status_code == 422
+    (err,) = r.json()["errors"]
+    assert err["loc"] == "spec.taskType"
+    assert err["msg"].startswith(NO_EXECUTOR.format("sft") + "available: echo, inference (")
+    assert "'sft' is a planned catalogue type" in err["msg"]
     assert nothing_stored(rdb)
+
+
+SHOUT = """
+from executors.base import Executor
+
+
+class Shout(Executor):
+    name = "shout"
+
+    def run(self, task):
+        return {"text": "HI"}
+"""
+
+
+def test_a_type_a_worker_offers_is_accepted_and_one_installed_here_waits_with_a_reason(
+    orchestrator, start_worker, install_plugin
+):
+    assert post(orchestrator, "spec: {taskType: shout}\n").status_code == 422
+    plugin = install_plugin("fm_shout", SHOUT, {"shout": "Shout"})
+    start_worker("w1", WORKER_EXECUTORS="echo,shout", PYTHONPATH=plugin)
+    # Offered by a registered worker (not installed here): accepted once the fleet is read.
+    r = wait_until(
+        lambda: (r := post(orchestrator, "spec: {taskType: shout}\n")).status_code == 201 and r,
+        what="the worker's executor to be accepted",
+    )
+    (task,) = r.json()["tasks"]
+    assert orchestrator.wait(task["task_id"])["result"] == {"text": "HI"}
+    r = post(orchestrator, "spec: {taskType: sft}\n")
+    assert "available: echo, inference, shout" in r.json()["errors"][0]["msg"]
+    # Installed here, offered by no worker: stored, and its reason says why it waits.
+    (task_id,) = orchestrator.submit(
+        {
+            "spec": {
+                "taskType": "inference",
+                "model": {"source": {"identifier": "sshleifer/tiny-gpt2"}},
+                "data": {"items": ["hello"]},
+            }
+        }
+    )
+    task = wait_until(
+        lambda: (t := orchestrator.task(task_id)).get("reason") and t,
+        what="the pending task's reason",
+    )
+    assert task["status"] == "PENDING"
+    assert "no registered worker can run it" in task["reason"]
+
+
+def test_values_no_spec_may_hold_are_400_naming_the_path(orchestrator, rdb):
+    deep_json = '{"spec": {"taskType": "echo", "echo": {"message": ' + "[" * 300 + "]" * 300 + "}}}"
+    cases = [
+        # (body, content type, loc, message)
+        (
+            r'{"spec": {"taskType": "echo", "echo": {"message": "a\ud800b"}}}',
+            "application/json",
+            "spec.echo.message",
+            "string at spec.echo.message holds a lone surrogate (\\ud800), not valid Unicode",
+        ),
+        (
+            'spec: {taskType: echo, echo: {message: "\\udc00"}}\n',
+            "application/yaml",
+            "spec.echo.message",
+            "string at spec.echo.message holds a lone surrogate (\\udc00), not valid Unicode",
+        ),
+        (
+            r'{"spec": {"taskType": "echo", "echo": {"\udfff": 1}}}',
+            "application/json",
+            "spec.echo.'\\udfff'",
+            "key at spec.echo.'\\udfff' holds a lone surrogate (\\udfff), not valid Unicode",
+        ),
+        (
+            deep_json,
+            "application/json",
+            "spec.echo.message" + "[0]" * 61,
+            "nested deeper than 64 levels at spec.echo.message[0][0]",
+        ),
+        (
+            "spec: {taskType: echo, echo: {message: " + "[" * 300 + "]" * 300 + "}}\n",
+            "application/yaml",
+            "spec.echo.message" + "[0]" * 61,
+            "nested deeper than 64 levels at spec.echo.message[0][0]",
+        ),
+        (
+            r'{"spec": {"taskType": "echo", "data": {"items": ["a", NaN]}}}',
+            "application/json",
+            "spec.data.items[1]",
+            "number at spec.data.items[1] is nan: NaN and Infinity are not accepted",
+        ),
+        (
+            r'{"spec": {"taskType": "echo", "timeoutSec": -Infinity}}',
+            "application/json",
+            "spec.timeoutSec",
+            "number at spec.timeoutSec is -inf: NaN and Infinity are not accepted",
+        ),
+        (
+            "spec: {taskType: echo, echo: {message: hi, delaySec: .inf}}\n",
+            "application/yaml",
+            "spec.echo.delaySec",
+            "number at spec.echo.delaySec is inf",
+        ),
+        (
+            r'{"spec": {"taskType": "echo", "priority": 1, "priority": 5}}',
+            "application/json",
+            "spec",
+            "duplicate key 'priority' at spec: give each key once",
+        ),
+        (
+            "spec: {taskType: echo, data: {items: [!!binary gIA=]}}\n",
+            "application/yaml",
+            "spec.data.items[0]",
+            "value at spec.data.items[0] is a YAML binary value (!!binary)",
+        ),
+    ]
+    for body, content_type, loc, message in cases:
+        r = post(orchestrator, body.encode(), content_type)
+        assert r.status_code == 400, (body[:80], r.text[:300])
+        assert r.json()["detail"].startswith("body: " + message), r.json()["detail"][:300]
+        assert [e["loc"] for e in r.json()["errors"]] == [loc], r.json()["errors"]
+    for body, content_type, message in [
+        # Past what Python's JSON reader can nest: no path, but the place in the text.
+        (
+            '{"a": ' + "[" * 5000 + "]" * 5000 + "}",
+            "application/json",
+            "body: nested deeper than 64 levels at line 1, column 70; a spec nests 64",
+        ),
+        (
+            "spec:\n  taskType: echo\n  priority: 1\n  priority: 2\n",
+            "application/yaml",
+            "body: duplicate key 'priority' at line 4, column 3",
+        ),
+        (
+            "spec: {taskType: echo, data: {items: [" + "9" * 5000 + "]}}",
+            "application/yaml",
+            "body: a number has more than 4300 digits",
+        ),
+    ]:
+        r = post(orchestrator, body, content_type)
+        assert r.status_code == 400, (body[:80], r.text[:300])
+        assert r.json()["detail"].startswith(message), r.json()["detail"]
+    assert nothing_stored(rdb)
+    # A surrogate pair written as two escapes is one character, in YAML as in JSON.
+    for body, content_type in [
+        ('spec: {taskType: echo, echo: {message: "\\ud83d\\ude00"}}', "application/yaml"),
+        (
+            r'{"spec": {"taskType": "echo", "echo": {"message": "\ud83d\ude00"}}}',
+            "application/json",
+        ),
+    ]:
+        r = post(orchestrator, body, content_type)
+        assert r.status_code == 201, r.text
+        stored = json.loads(rdb.hget(f"task:{r.json()['tasks'][0]['task_id']}", "spec"))
+        assert stored["spec"]["echo"]["message"] == "\U0001f600"
 
 
 @pytest.mark.parametrize(
@@ -79,6 +240,80 @@ def test_wrong_fields_are_422_naming_the_field_path(orchestrator, rdb, spec, loc
     assert any(e["loc"] == loc and words in e["msg"] for e in errors), errors
     assert loc in r.json()["detail"]
     assert nothing_stored(rdb)
+
+
+def test_numbers_are_numbers_sizes_have_a_limit_and_unused_fields_are_refused(orchestrator, rdb):
+    def echo(**fields):
+        return {"spec": {"taskType": "echo", **fields}}
+
+    model = {"source": {"identifier": "m"}}
+    cases = [
+        # (spec, loc, message)
+        (echo(priority=True), "spec.priority", "Input should be a number, not the boolean true"),
+        (echo(maxAttempts=True), "spec.maxAttempts", "not the boolean true"),
+        (echo(maxAttempts=2.5), "spec.maxAttempts", "Input should be a valid integer"),
+        (echo(priority="5"), "spec.priority", "Input should be a valid integer"),
+        (echo(retryBackoffSec=False), "spec.retryBackoffSec", "not the boolean false"),
+        (
+            echo(resources={"replicas": True, "hardware": {"gpu": {"count": True}}}),
+            "spec.resources.hardware.gpu.count",
+            "not the boolean true",
+        ),
+        (
+            echo(resources={"hardware": {"memory": 1e300}}),
+            "spec.resources.hardware.memory",
+            "1e+300 is more than the largest size accepted, 1Pi (1125899906842624 bytes)",
+        ),
+        (
+            echo(resources={"hardware": {"gpu": {"memory": "2Pi"}}}),
+            "spec.resources.hardware.gpu.memory",
+            "'2Pi' is more than the largest size accepted, 1Pi",
+        ),
+        (
+            echo(model={**model, "vllm": {"tensor_parallel_size": 2}}),
+            "spec.model.vllm",
+            "not supported yet: no executor uses it (the vLLM executor will)",
+        ),
+        (
+            echo(output={"destination": {"type": "http"}}),
+            "spec.output.destination.type",
+            "not supported yet: artifact upload over HTTP comes with the training executor",
+        ),
+        (
+            echo(output={"destination": {"url": "https://example.com/up"}}),
+            "spec.output.destination.url",
+            "not supported yet: nothing reads it",
+        ),
+        (
+            echo(output={"destination": {"type": "local", "path": "/data/out"}}),
+            "spec.output.destination.path",
+            "not supported yet: nothing reads it",
+        ),
+        (echo(output={"artifacts": ["model.bin"]}), "spec.output.artifacts", "not supported yet"),
+        (
+            echo(training={"epochs": 1}),
+            "spec.training",
+            "Extra inputs are not permitted: executor 'echo' takes its options under",
+        ),
+    ]
+    r = orchestrator.http.post("/api/v1/tasks", json=[spec for spec, _, _ in cases])
+    assert r.status_code == 422, r.text
+    errors = {e["loc"]: e["msg"] for e in r.json()["errors"]}
+    for i, (_, loc, message) in enumerate(cases):
+        assert message in errors.get(f"[{i}].{loc}", ""), (i, loc, errors)
+    assert "[5].spec.resources.replicas" in errors
+    assert nothing_stored(rdb)
+    # What is fine stays fine: plain numbers, sizes up to 1Pi, a local destination.
+    fine = echo(
+        priority=5,
+        maxAttempts=2,
+        timeoutSec=30,
+        retryBackoffSec=0.5,
+        resources={"hardware": {"memory": "1Pi", "cpu": 2, "gpu": {"count": 0}}},
+        model={**model, "vllm": {}},
+        output={"destination": {"type": "local"}, "artifacts": []},
+    )
+    assert len(orchestrator.submit(fine)) == 1
 
 
 def test_a_batch_with_one_bad_spec_stores_none_of_them(orchestrator, rdb):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from flowmesh.spec import Requirements, SpecError, parse_bytes, parse_task
+from flowmesh.spec import MAX_BYTES, Requirements, SpecError, parse_bytes, parse_task
 
 
 @pytest.mark.parametrize(
@@ -15,10 +17,166 @@ from flowmesh.spec import Requirements, SpecError, parse_bytes, parse_task
         ("512Mi", 512 * 2**20),
         (1024, 1024),
         ("1.5G", 1_500_000_000),
+        ("1Pi", 2**50),
+        (2**50, MAX_BYTES),
+        (4096.0, 4096),
     ],
 )
 def test_sizes(text, value):
     assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (1e300, "1e+300 is more than the largest size accepted, 1Pi (1125899906842624 bytes)"),
+        ("1025Ti", "'1025Ti' is more than the largest size accepted, 1Pi"),
+        (2**50 + 1, "is more than the largest size accepted"),
+        (float("inf"), "inf is not a size"),
+        (float("nan"), "nan is not a size"),
+        (True, "expected a size"),
+        ("1e300", "cannot read '1e300' as a size"),
+    ],
+)
+def test_sizes_past_the_limit_or_not_numbers_are_refused(value, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_bytes(value)
+
+
+def problems(spec: dict) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_task({"spec": {"taskType": "echo", **spec}})
+    return dict(info.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "words"),
+    [
+        ({"priority": True}, "spec.priority", "not the boolean true"),
+        ({"maxAttempts": False}, "spec.maxAttempts", "not the boolean false"),
+        ({"maxAttempts": 2.0}, "spec.maxAttempts", "valid integer"),
+        ({"priority": "3"}, "spec.priority", "valid integer"),
+        ({"timeoutSec": True}, "spec.timeoutSec", "not the boolean true"),
+        ({"timeoutSec": "30"}, "spec.timeoutSec", "valid number"),
+        ({"timeoutSec": float("nan")}, "spec.timeoutSec", "finite number"),
+        ({"retryBackoffSec": float("nan")}, "spec.retryBackoffSec", "finite number"),
+        ({"resources": {"replicas": True}}, "spec.resources.replicas", "boolean"),
+        ({"resources": {"hardware": {"cpu": True}}}, "spec.resources.hardware.cpu", "boolean"),
+        (
+            {"resources": {"hardware": {"cpu": float("inf")}}},
+            "spec.resources.hardware.cpu",
+            "finite number",
+        ),
+        (
+            {"resources": {"hardware": {"gpu": {"count": True}}}},
+            "spec.resources.hardware.gpu.count",
+            "boolean",
+        ),
+        (
+            {"resources": {"hardware": {"memory": 1e300}}},
+            "spec.resources.hardware.memory",
+            "largest size accepted, 1Pi",
+        ),
+        (
+            {"model": {"source": {"identifier": "m"}, "trust_remote_code": 1}},
+            "spec.model.trust_remote_code",
+            "valid boolean",
+        ),
+    ],
+)
+def test_numbers_are_numbers_and_booleans_are_booleans(spec, path, words):
+    found = problems(spec)
+    assert words in found.get(path, ""), found
+
+
+def test_plain_numbers_from_yaml_or_json_are_still_numbers():
+    body = parse_task(
+        {
+            "spec": {
+                "taskType": "echo",
+                "priority": -3,
+                "maxAttempts": 5,
+                "timeoutSec": 10,
+                "retryBackoffSec": 0,
+                "resources": {"hardware": {"cpu": 1, "memory": 2.5e9, "gpu": {"count": 1}}},
+            }
+        }
+    ).spec
+    assert (body.priority, body.maxAttempts, body.timeoutSec) == (-3, 5, 10.0)
+    assert body.resources.hardware.memory == 2_500_000_000
+    assert body.resources.hardware.gpu.count == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "message"),
+    [
+        (
+            {"model": {"source": {"identifier": "m"}, "vllm": {"max_model_len": 4096}}},
+            "spec.model.vllm",
+            "not supported yet: no executor uses it (the vLLM executor will)",
+        ),
+        (
+            {"output": {"destination": {"type": "http"}}},
+            "spec.output.destination.type",
+            "not supported yet: artifact upload over HTTP comes with the training executor; "
+            "a task's outputs stay on its worker under RESULTS_DIR/<task_id>/",
+        ),
+        (
+            {"output": {"destination": {"url": "https://example.com"}}},
+            "spec.output.destination.url",
+            "not supported yet: nothing reads it (a task's outputs stay on its worker under "
+            "RESULTS_DIR/<task_id>/); it comes with artifact upload over HTTP",
+        ),
+        (
+            {"output": {"destination": {"path": "/srv/out"}}},
+            "spec.output.destination.path",
+            "not supported yet: nothing reads it (a task's outputs stay on its worker under "
+            "RESULTS_DIR/<task_id>/); it comes with artifact upload over HTTP",
+        ),
+        (
+            {"output": {"artifacts": ["weights.bin"]}},
+            "spec.output.artifacts",
+            "not supported yet: nothing reads it: every file an executor writes under its "
+            "artifacts directory is kept (a task's outputs stay on its worker under "
+            "RESULTS_DIR/<task_id>/); choosing artifacts comes with upload",
+        ),
+    ],
+)
+def test_fields_nothing_reads_yet_are_refused_saying_so(spec, path, message):
+    assert problems(spec) == {path: message}
+
+
+def test_empty_reserved_fields_and_a_local_destination_are_fine():
+    body = parse_task(
+        {
+            "spec": {
+                "taskType": "echo",
+                "model": {"source": {"identifier": "m"}, "vllm": {}},
+                "output": {"destination": {"type": "local", "url": None}, "artifacts": []},
+            }
+        }
+    ).spec
+    assert body.output is not None and body.output.destination.type == "local"
+
+
+def test_an_executor_section_passes_the_core_model_as_an_extra_field():
+    # Validated against the executor's options model at submit (orchestrator.documents).
+    body = parse_task({"spec": {"taskType": "greet", "greet": {"name": "ada"}}}).spec
+    assert body.model_extra == {"greet": {"name": "ada"}}
+
+
+def test_the_stored_spec_reads_back_the_same():
+    spec = parse_task(
+        {
+            "spec": {
+                "taskType": "echo",
+                "timeoutSec": 5,
+                "resources": {"hardware": {"memory": "1Gi", "gpu": {"count": 1}}},
+                "output": {"destination": {"type": "local"}},
+            }
+        }
+    )
+    assert type(spec).model_validate_json(spec.model_dump_json()) == spec
 
 
 def test_defaults_and_requirements():
