@@ -7,6 +7,7 @@ so a crash between two commands can never leave a task half-moved.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -100,6 +101,27 @@ class Outcome:
     reason: str = ""
 
 
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was stored with a different request; nothing was stored."""
+
+    def __init__(self, key: str, task_ids: list[str]):
+        super().__init__(f"Idempotency-Key {key!r} was already used for a different request")
+        self.key = key
+        self.task_ids = task_ids
+
+
+def request_hash(specs: list[TaskSpec]) -> str:
+    """sha256 of a request's validated specs as canonical JSON (sorted keys, no spaces):
+    the same tasks hash the same whatever the body's format, whitespace or key order."""
+    canonical = json.dumps(
+        [spec.model_dump(mode="json") for spec in specs],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _loads(raw: str | None) -> Any:
     return json.loads(raw) if raw else None
 
@@ -121,8 +143,9 @@ class TaskStore:
     ) -> tuple[list[NewTask], list[str] | None]:
         """Store a batch of PENDING tasks all at once, or none of them: one script call.
 
-        With an idempotency key seen before, nothing is stored and the ids created the
-        first time are returned instead (second element); otherwise that is None.
+        With an idempotency key seen before, nothing is stored: for the same request (the
+        same `request_hash`) the ids created the first time are returned instead (second
+        element; otherwise that is None); for a different one IdempotencyConflict is raised.
         """
         if not specs:
             return [], None
@@ -150,6 +173,7 @@ class TaskStore:
             ttl,
             json.dumps(ids) if idempotency_key else "",
             json.dumps(rows, ensure_ascii=False),
+            request_hash(specs) if idempotency_key else "",
         ]
         reply = await self._submit(
             keys=[
@@ -162,6 +186,8 @@ class TaskStore:
             ],
             args=args,
         )
+        if int(reply[0]) < 0:
+            raise IdempotencyConflict(idempotency_key or "", list(json.loads(reply[1])))
         if not reply[0]:
             return [], list(json.loads(reply[1]))
         first, scores = int(reply[1]), reply[2]
@@ -185,16 +211,34 @@ class TaskStore:
         return [decode_task(r) for r in rows if r]
 
     async def list_tasks(
-        self, *, status: TaskStatus | None, task_type: str | None, limit: int, after: int | None
+        self,
+        *,
+        status: TaskStatus | None,
+        task_type: str | None,
+        limit: int,
+        after: int | None,
+        descending: bool = False,
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Tasks in submission order; `after` is the cursor returned by the previous page."""
+        """Tasks in submission order, oldest first (newest first with `descending`).
+
+        `after` is the cursor returned by the previous page in the same order: the
+        submission sequence of its last task; the page starts just past it.
+        """
         index = self.keys.tasks_by_status(status) if status else self.keys.tasks_all
         out: list[dict[str, Any]] = []
-        cursor = after or 0
+        cursor = after
         while len(out) < limit:
-            ids = await self.conn.zrangebyscore(
-                index, f"({cursor}", "+inf", start=0, num=max(limit * 2, 50), withscores=True
-            )
+            num = max(limit * 2, 50)
+            if descending:
+                high = "+inf" if cursor is None else f"({cursor}"
+                ids = await self.conn.zrevrangebyscore(
+                    index, high, "-inf", start=0, num=num, withscores=True
+                )
+            else:
+                low = "-inf" if cursor is None else f"({cursor}"
+                ids = await self.conn.zrangebyscore(
+                    index, low, "+inf", start=0, num=num, withscores=True
+                )
             if not ids:
                 return out, None
             rows = await self.get_many([task_id for task_id, _ in ids])

@@ -9,18 +9,25 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from redis.exceptions import RedisError
 
 from flowmesh import __version__
 from flowmesh.keys import Keys
 from flowmesh.redis_conn import check_server, connect, redact
 from flowmesh.spec import TaskSpec
+from flowmesh.store import IdempotencyConflict
 from orchestrator.api import router
-from orchestrator.auth import BodyLimit, TokenAuth
+from orchestrator.auth import AccessLog, BodyLimit, TokenAuth
 from orchestrator.fleet import Fleet
 from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
+
+# Swagger UI's and ReDoc's JS/CSS, served from here (the fastapi-offline package ships them)
+# rather than from a CDN, so /docs and /redoc work offline and on air-gapped clusters. Under
+# /docs, so TokenAuth guards them like the pages themselves.
+DOCS_ASSETS = "/docs/static"
 
 
 def _with_task_spec_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -68,11 +75,15 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             await fleet.stop()
             await conn.aclose()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="FlowMesh orchestrator",
         version=__version__,
         description="Submit AI tasks and watch them run on a fleet of workers.",
         lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        # No "valid" badge fetched from validator.swagger.io (which would also tell it the
+        # spec's URL): nothing on the page leaves the orchestrator.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.include_router(router)
@@ -91,6 +102,21 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
         log.warning("%s %s failed: Redis error: %s", request.method, request.url.path, exc)
         return JSONResponse(status_code=503, content={"detail": f"Redis unavailable: {exc}"})
 
+    @app.exception_handler(IdempotencyConflict)
+    async def idempotency_conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+        # 422, as the IETF Idempotency-Key draft says for a key reused with another payload.
+        log.info("Idempotency-Key %r reused for a different request: refused", exc.key)
+        return JSONResponse(
+            status_code=422,
+            content={
+                "detail": f"Idempotency-Key {exc.key!r} was already used for a different "
+                f"request (within FLOWMESH_IDEMPOTENCY_TTL_SEC={settings.idempotency_ttl} s); "
+                "use a new key"
+            },
+        )
+
+    # The last added runs first: the access log sees every reply, auth's and size's too.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(TokenAuth, token=settings.api_token)
+    app.add_middleware(AccessLog)
     return app

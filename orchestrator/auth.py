@@ -1,17 +1,26 @@
-"""Bearer-token auth and request-size limits as plain ASGI middleware.
+"""Bearer-token auth, request-size limits and the access log as plain ASGI middleware.
 
-Middleware rather than per-route dependencies, so that /docs and /openapi.json
-are covered too; only the health probe is open.
+Middleware rather than per-route dependencies, so that /docs, its assets and
+/openapi.json are covered too; only the health probe is open.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
+import time
+from urllib.parse import parse_qsl, quote, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/healthz"})
+
+# Where TokenAuth notes, for the access log, why it refused a request.
+AUTH_REFUSED = "flowmesh.auth_refused"
+
+access_log = logging.getLogger("orchestrator.access")
 
 
 async def _reply(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
@@ -45,11 +54,12 @@ class TokenAuth:
                 given = value
                 break
         if not hmac.compare_digest(given, self.expected):
-            detail = (
-                "missing Authorization header: send 'Authorization: Bearer <token>'"
-                if not given
-                else "invalid API token"
-            )
+            if not given:
+                detail = "missing Authorization header: send 'Authorization: Bearer <token>'"
+                scope[AUTH_REFUSED] = "no Authorization header"
+            else:
+                detail = "invalid API token"
+                scope[AUTH_REFUSED] = "wrong API token"
             await _reply(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)
@@ -95,3 +105,74 @@ class BodyLimit:
 
 class BodyTooLarge(Exception):
     pass
+
+
+# Query parameters whose values are never logged (the API takes no secret in the query
+# string, but a client may send one anyway).
+SECRET_PARAM = re.compile(r"token|secret|pass|key|auth|sig|session|credential|code", re.I)
+MAX_TARGET = 500
+
+
+def _target(scope: Scope) -> str:
+    """The request's path and query for a log line: escaped (no control characters or
+    spaces), secret-looking query values replaced by ***, cut at MAX_TARGET characters."""
+    target = quote(scope["path"], safe="/:@!$&'()*+,;=~-._")
+    raw = scope.get("query_string", b"")
+    if raw:
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+        clean = [(k, "***" if SECRET_PARAM.search(k) else v) for k, v in pairs]
+        target += "?" + urlencode(clean, safe="/:,*")
+    return target if len(target) <= MAX_TARGET else target[: MAX_TARGET - 1] + "…"
+
+
+class AccessLog:
+    """One line per HTTP request on the `orchestrator.access` logger: method, path and query
+    (secret-looking values masked), status, duration, client address. 401/403 at WARNING
+    with why (never the token or any header), 5xx at ERROR, successful health probes at
+    DEBUG, the rest at INFO. Outermost, so it sees the replies of TokenAuth and BodyLimit."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # An exception before the reply started becomes Starlette's 500.
+            self._log(scope, status or 500, (time.perf_counter() - started) * 1000)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, ms: float) -> None:
+        client = scope.get("client")
+        address = f"{client[0]}:{client[1]}" if client else "-"
+        refused = scope.get(AUTH_REFUSED)
+        if status in (401, 403):
+            level = logging.WARNING
+        elif status >= 500:
+            level = logging.ERROR
+        elif scope["path"] in OPEN_PATHS and status < 400:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        access_log.log(
+            level,
+            "%s %s %d %.1fms client=%s%s",
+            scope["method"],
+            _target(scope),
+            status,
+            ms,
+            address,
+            f" refused: {refused}" if refused else "",
+        )

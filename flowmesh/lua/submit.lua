@@ -1,13 +1,20 @@
--- Store a batch of new PENDING tasks, all at once or none; with an idempotency key seen
--- before, store nothing and return the ids stored the first time.
+-- Store a batch of new PENDING tasks, all at once or none. With an idempotency key seen
+-- before, store nothing: for the same request (same hash) return the ids stored the first
+-- time; for a different request refuse.
 -- KEYS: 1 task sequence counter, 2 tasks:all, 3 status:PENDING, 4 pending queue,
 --       5 idempotency key (unused when ARGV[3] is ''), 6.. task hashes
 -- ARGV: 1 now, 2 idempotency ttl (seconds), 3 the new ids as JSON for the idempotency
 --       key ('' for none), 4 a JSON array with, per task, an array of 9 strings: task id,
 --       name, task type, priority, max attempts, retry backoff, timeout ('' for none),
---       spec json, requirements json
--- Returns {1, first sequence number, {each task's queue score}} or {0, ids stored the
--- first time (JSON)}.
+--       spec json, requirements json, 5 the request's hash (sha256 hex of its canonical
+--       specs; '' without a key)
+-- Returns {1, first sequence number, {each task's queue score}}, {0, ids stored the first
+-- time (JSON)} for a replay, or {-1, ids stored the first time} when the key was stored
+-- for a different request.
+--
+-- The idempotency key is a hash: `request_sha256` and `task_ids` (JSON), with the TTL. A
+-- plain string there (the ids alone, written before the hash was kept) is replayed as it
+-- used to be: it has no hash to compare, and expires within the TTL.
 --
 -- The queue score is computed here and nowhere else: ascending order is higher priority
 -- first, then older first. It is stored in the task hash (`score`) for settle.lua and
@@ -17,8 +24,14 @@
 -- integer below 2^53 (priority in [-1000, 1000], seq < 1e12), so a double holds it exactly.
 local n = #KEYS - 5
 if ARGV[3] ~= '' then
-  local seen = redis.call('GET', KEYS[5])
-  if seen then return {0, seen} end
+  local kind = redis.call('TYPE', KEYS[5])['ok']
+  if kind == 'hash' then
+    local seen = redis.call('HMGET', KEYS[5], 'request_sha256', 'task_ids')
+    if seen[1] ~= ARGV[5] then return {-1, seen[2] or '[]'} end
+    return {0, seen[2] or '[]'}
+  elseif kind == 'string' then
+    return {0, redis.call('GET', KEYS[5])}
+  end
 end
 local first = redis.call('INCRBY', KEYS[1], n) - n + 1
 local tasks = cjson.decode(ARGV[4])
@@ -37,6 +50,7 @@ for i = 1, n do
   redis.call('ZADD', KEYS[4], score, id)
 end
 if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[2])
+  redis.call('HSET', KEYS[5], 'request_sha256', ARGV[5], 'task_ids', ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
 end
 return {1, first, scores}
