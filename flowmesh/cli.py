@@ -3,29 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from flowmesh.client import ApiError, Client
 from flowmesh.config import env_str, environ
+from flowmesh.errors import ConfigError
 from flowmesh.progress import watch
+from flowmesh.status import TaskStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
+class UsageError(Exception):
+    """A command line that cannot work as given: one line on stderr, exit 2."""
+
+
+class Failed(Exception):
+    """A command that could not do its work, for a reason its message gives: exit 1."""
+
+
+class Unreachable(Exception):
+    """No answer from the orchestrator: refused, reset, timed out, or not HTTP (`cause`)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Client(Client):
+    """The CLI's client: its failures to talk to the orchestrator are `Unreachable`, told
+    apart from the CLI's own I/O errors (a file, a closed stdout)."""
+
+    def _request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        try:
+            return super()._request(method, path, **kw)
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(exc) from exc
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.token)
+    try:
+        return _Client(args.url, args.token)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (set FLOWMESH_URL or --url)") from None
 
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.file)
-    if not path.is_file():
-        console.print(f"[red]no such file: {path}[/]")
-        return 2
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read {path}: {reason}") from None
     content_type = "application/json" if path.suffix == ".json" else "application/yaml"
     client = _client(args)
     try:
@@ -35,11 +72,6 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         if not args.wait:
             return 0
         final = watch(client, [t["task_id"] for t in tasks], console, timeout=args.timeout)
-    except ApiError as exc:
-        console.print(f"[red]{exc}[/]")
-        for err in exc.body.get("errors", []) if isinstance(exc.body, dict) else []:
-            console.print(f"  [red]{err['loc']}[/]: {err['msg']}")
-        return 2
     finally:
         client.close()
     failed = [t for t in final if t["status"] != "DONE"]
@@ -56,9 +88,6 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     client = _client(args)
     try:
         console.print_json(json.dumps(client.task(args.task_id)))
-    except ApiError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 1
     finally:
         client.close()
     return 0
@@ -67,7 +96,13 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def cmd_tasks(args: argparse.Namespace, console: Console) -> int:
     client = _client(args)
     try:
-        page = client.tasks(status=args.status, type=args.type, limit=args.limit)
+        page = client.tasks(
+            status=args.status,
+            type=args.type,
+            limit=args.limit,
+            cursor=args.cursor,
+            order=args.order,
+        )
     finally:
         client.close()
     for t in page["tasks"]:
@@ -76,7 +111,8 @@ def cmd_tasks(args: argparse.Namespace, console: Console) -> int:
             f"attempts={t['attempts']} worker={t['worker_id'] or '-'}"
         )
     if page["next_cursor"]:
-        console.print(f"(more: --cursor {page['next_cursor']})")
+        again = " --order desc" if args.order == "desc" else ""
+        console.print(f"(more: --cursor {page['next_cursor']}{again})")
     return 0
 
 
@@ -112,9 +148,6 @@ def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
     client = _client(args)
     try:
         reply = client.cancel(args.task_id)
-    except ApiError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 1
     finally:
         client.close()
     console.print(f"{args.task_id} CANCELLED (was {reply['previous']})")
@@ -134,23 +167,40 @@ def cmd_dead_letters(args: argparse.Namespace, console: Console) -> int:
                 f"{t['task_id']}  {t['task_type']:<10} attempts={t['attempts']} "
                 f"{err.get('kind')}: {err.get('message')}"
             )
-    except ApiError as exc:
-        console.print(f"[red]{exc}[/]")
-        return 1
     finally:
         client.close()
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from flowmesh.demo import run_demo
+    from flowmesh.demo import DemoError, run_demo
 
-    return run_demo(args, console)
+    try:
+        return run_demo(args, console)
+    except DemoError as exc:
+        raise Failed(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _status(value: str) -> str:
+    try:
+        return TaskStatus(value.upper()).value
+    except ValueError:
+        allowed = ", ".join(s.value for s in TaskStatus)
+        raise argparse.ArgumentTypeError(
+            f"unknown status {value!r}; allowed (any case): {allowed}"
+        ) from None
 
 
 def parser() -> argparse.ArgumentParser:
     env = environ()
-    p = argparse.ArgumentParser(prog="flowmesh", description=__doc__)
+    p = _Parser(prog="flowmesh", description=__doc__)
     p.add_argument(
         "--url",
         default=env_str(env, "FLOWMESH_URL", DEFAULT_URL),
@@ -174,9 +224,18 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("tasks", help="list tasks")
-    s.add_argument("--status")
-    s.add_argument("--type")
-    s.add_argument("--limit", type=int, default=50)
+    statuses = ", ".join(status.value.lower() for status in TaskStatus)
+    s.add_argument("--status", type=_status, help=f"only tasks in this status: {statuses}")
+    s.add_argument("--type", help="only tasks of this taskType")
+    s.add_argument("--limit", type=int, default=50, help="at most this many (1-1000, default 50)")
+    s.add_argument(
+        "--order",
+        type=str.lower,
+        choices=("asc", "desc"),
+        default=None,
+        help="asc: oldest first (the default), desc: newest first",
+    )
+    s.add_argument("--cursor", help="the next page: the value printed after (more: --cursor …)")
     s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("cancel", help="cancel a pending or running task")
@@ -212,14 +271,97 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    console = Console()
+# The orchestrator's answers that mean "the request was wrong": a usage error, exit 2.
+_BAD_REQUEST = frozenset({400, 413, 415, 422})
+
+
+def _detail(body: Any) -> str:
+    """The server's explanation: its `detail`, with FastAPI's validation lists as
+    `field: message`."""
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):
+        parts = []
+        for err in detail:
+            if isinstance(err, dict) and "msg" in err:
+                loc = [str(x) for x in err.get("loc", []) if x not in ("query", "body", "path")]
+                parts.append(f"{'.'.join(loc)}: {err['msg']}" if loc else str(err["msg"]))
+            else:
+                parts.append(str(err))
+        detail = "; ".join(parts)
+    return " ".join(str(detail).split()) or "(no detail)"
+
+
+def _api_error(exc: ApiError, args: argparse.Namespace) -> tuple[int, list[str]]:
+    """Exit code and lines for an error answer: the first says what is wrong and what to do."""
+    if exc.status == 401:
+        if args.token:
+            what = f"the orchestrator at {args.url} rejected the API token (HTTP 401)"
+        else:
+            what = f"the orchestrator at {args.url} requires an API token (HTTP 401)"
+        return 1, [
+            f"{what}; set FLOWMESH_API_TOKEN (or pass --token) to the token it was started with"
+        ]
+    code = 2 if exc.status in _BAD_REQUEST else 1
+    errors = exc.body.get("errors") if isinstance(exc.body, dict) else None
+    if isinstance(errors, list) and len(errors) > 1:  # a rejected spec: a line per problem
+        lines = [f"HTTP {exc.status}: {len(errors)} problems:"]
+        lines += [f"  {e.get('loc')}: {e.get('msg')}" for e in errors if isinstance(e, dict)]
+        return code, lines
+    return code, [f"HTTP {exc.status}: {_detail(exc.body)}"]
+
+
+def _unreachable(exc: Exception, args: argparse.Namespace) -> str:
+    if isinstance(exc, http.client.HTTPException) and not isinstance(exc, OSError):
+        return (
+            f"{args.url} did not answer as a FlowMesh orchestrator "
+            f"({type(exc).__name__}); set FLOWMESH_URL (or --url) to the orchestrator's URL"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            f"cannot connect to the orchestrator at {args.url}: connection refused; start one "
+            "with `uv run orchestrator` (or `uv run flowmesh demo --keep`), or set FLOWMESH_URL "
+            "(or --url) to a running one"
+        )
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    reason = reason or type(exc).__name__
+    return (
+        f"cannot reach the orchestrator at {args.url}: {reason}; check FLOWMESH_URL (or --url) "
+        "and that the orchestrator is running (`uv run orchestrator`)"
+    )
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run the chosen command; every command's errors end here as a few lines on stderr
+    (exit 2 for a usage error, 1 otherwise), never a traceback."""
+    prog = f"flowmesh {args.command}"
     try:
         code: int = args.func(args, console)
+        return code
     except KeyboardInterrupt:
         return 130
+    except (UsageError, ConfigError) as exc:
+        code, lines = 2, [str(exc)]
+    except Failed as exc:
+        code, lines = 1, [str(exc)]
+    except ApiError as exc:
+        code, lines = _api_error(exc, args)
+    except Unreachable as exc:
+        code, lines = 1, [_unreachable(exc.cause, args)]
+    except BrokenPipeError:  # stdout closed early (`flowmesh tasks | head`): nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OSError, http.client.HTTPException) as exc:  # the demo's own fleet, a file
+        code, lines = 1, [f"{type(exc).__name__}: {exc}"]
+    lines[0] = f"{prog}: {lines[0]}"
+    print("\n".join(lines), file=sys.stderr)
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # soft_wrap: a line stays one line when piped (`flowmesh tasks | grep …`), not cut at 80.
+    return run(args, Console(soft_wrap=True))
 
 
 if __name__ == "__main__":

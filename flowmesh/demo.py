@@ -2,7 +2,8 @@
 
 Starts an embedded Redis (unless REDIS_URL is set), an orchestrator and local
 worker processes, submits example tasks, shows their progress live, prints
-where the results are, and stops everything again.
+where the results are, and stops everything again: at the end, on Ctrl-C, and on
+SIGTERM or SIGHUP. The processes' logs are kept.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import psutil
 from rich.console import Console
 
 from flowmesh.client import Client
@@ -33,16 +38,72 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+class DemoError(Exception):
+    """The fleet did not come up; the message says what, and where the logs are."""
+
+
+class _Signals:
+    """While the demo runs, SIGTERM and SIGHUP stop it as Ctrl-C does (KeyboardInterrupt), so
+    one cleanup stops every process it started. The first signal starts that cleanup; later
+    ones are ignored so they cannot cut it short (it is bounded: see `_stop`). A signal the
+    demo was started ignoring (nohup, a background job) stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def shield(self) -> None:
+        self.stopping = True
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM; after `grace` s a second SIGTERM (a worker still draining then hands its
+    tasks back at once); SIGKILL 5 s later."""
+    for wait in (grace, 5.0):
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            p.terminate()
+        deadline = time.monotonic() + wait
+        for p in live:
+            with suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def _descendants() -> list[psutil.Process]:
+    with suppress(psutil.Error):
+        return psutil.Process().children(recursive=True)
+    return []
+
+
+def _reap(tree: list[psutil.Process]) -> None:
+    """Kill what the orderly stop left of the demo's process tree (say, the executor
+    process of a worker that had to be killed). psutil checks each is the process it was."""
+    for p in tree:
+        with suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
 
 
 def _wait(
@@ -51,9 +112,9 @@ def _wait(
     deadline = time.monotonic() + timeout
     while not predicate():
         if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"a fleet process exited while waiting for {what}; see {logs}")
+            raise DemoError(f"a fleet process exited while waiting for {what}; see {logs}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}; see {logs}")
+            raise DemoError(f"timed out waiting for {what}; see {logs}")
         time.sleep(0.1)
 
 
@@ -109,67 +170,107 @@ def _example_specs(
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
+    # Kept after the demo: what each process logged is often the point of looking.
+    logs = Path(tempfile.mkdtemp(prefix="flowmesh-demo-logs-"))
+    tree: list[psutil.Process] = []
+    with _Signals() as signals:
+        try:
+            with ExitStack() as stack:
+                try:
+                    return _run(args, console, stack, logs)
+                finally:
+                    # From here on a signal cannot interrupt the cleanup (the stack's
+                    # callbacks): it stops the workers and orchestrator, then Redis.
+                    signals.shield()
+                    tree = _descendants()
+                    console.print("stopping the fleet…")
+        finally:
+            _reap(tree)
+            console.print(f"fleet stopped; logs kept in {logs}", soft_wrap=True, markup=False)
+
+
+def _run(args: argparse.Namespace, console: Console, stack: ExitStack, logs: Path) -> int:
     env_in = environ()
     results = Path(env_str(env_in, "RESULTS_DIR", "./results_workers")).resolve()
-    with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowmesh-demo-")))
-        logs = scratch / "logs"
-        logs.mkdir()
-        redis_url = env_str(env_in, "REDIS_URL")
-        if not redis_url:
-            server = stack.enter_context(EmbeddedRedis())
-            redis_url = server.url
-            console.print(f"embedded Redis ({server.binary}) at {redis_url}")
-        port = args.port or free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "RESULTS_DIR": str(results),
-            "PYTHONUNBUFFERED": "1",
-            "HEARTBEAT_INTERVAL_SEC": "2",
-        }
-        env.pop("FLOWMESH_API_TOKEN", None)
-        procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(_stop, procs)
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flowmesh-demo-")))
+    redis_url = env_str(env_in, "REDIS_URL")
+    embedded = not redis_url
+    if embedded:
+        server = stack.enter_context(EmbeddedRedis())
+        redis_url = server.url
+        console.print(f"embedded Redis ({server.binary}) at {redis_url}")
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "RESULTS_DIR": str(results),
+        "PYTHONUNBUFFERED": "1",
+        "HEARTBEAT_INTERVAL_SEC": "2",
+    }
+    env.pop("FLOWMESH_API_TOKEN", None)
+    procs: list[subprocess.Popen[bytes]] = []
+    stack.callback(_stop, procs)
+    procs.append(
+        _spawn(["-m", "orchestrator.main", "--port", str(port)], env, logs / "orchestrator.log")
+    )
+    for i in range(args.workers):
         procs.append(
-            _spawn(["-m", "orchestrator.main", "--port", str(port)], env, logs / "orchestrator.log")
-        )
-        for i in range(args.workers):
-            procs.append(
-                _spawn(
-                    ["-m", "worker.main"],
-                    {**env, "WORKER_ID": f"demo-{i + 1}"},
-                    logs / f"worker-{i + 1}.log",
-                )
+            _spawn(
+                ["-m", "worker.main"],
+                {**env, "WORKER_ID": f"demo-{i + 1}"},
+                logs / f"worker-{i + 1}.log",
             )
-        client = Client(url)
-        stack.callback(client.close)
-        _wait(client.healthy, 60, "the orchestrator", procs, logs)
-        _wait(lambda: len(client.workers()) >= args.workers, 60, "the workers", procs, logs)
+        )
+    client = Client(url)
+    stack.callback(client.close)
+    _wait(client.healthy, 60, "the orchestrator", procs, logs)
+    _wait(lambda: len(client.workers()) >= args.workers, 60, "the workers", procs, logs)
+    console.print(
+        f"orchestrator at {url} (API docs: {url}/docs), {args.workers} worker(s); logs in {logs}",
+        soft_wrap=True,
+        markup=False,
+    )
+    specs = _example_specs(args, console, scratch)
+    tasks = client.submit(specs)
+    final = watch(client, [t["task_id"] for t in tasks], console, timeout=600)
+    console.print(
+        f"\nresults under {results}/<task_id>/ (responses.json, manifest.json):",
+        soft_wrap=True,
+        markup=False,
+    )
+    for t in final:
         console.print(
-            f"orchestrator at {url} (API docs: {url}/docs), "
-            f"{args.workers} worker(s); logs in {logs}"
+            f"  {t['status']:<6} {t.get('name') or '':<10} "
+            f"{results / t['task_id'] / 'responses.json'}",
+            soft_wrap=True,
+            markup=False,
         )
-        specs = _example_specs(args, console, scratch)
-        tasks = client.submit(specs)
-        final = watch(client, [t["task_id"] for t in tasks], console, timeout=600)
-        console.print(f"\nresults under {results}/<task_id>/ (responses.json, manifest.json):")
-        for t in final:
-            console.print(
-                f"  {t['status']:<6} {t.get('name') or '':<10} "
-                f"{results / t['task_id'] / 'responses.json'}"
-            )
-            if t.get("task_type") == "inference" and t["status"] == "DONE":
-                first = t["result"]["responses"][0]
-                console.print(f"         e.g. {first['prompt']!r} -> {first['text']!r}")
-        ok = all(t["status"] == "DONE" for t in final)
-        if args.keep:
-            console.print(f"\nfleet still running at {url}; Ctrl-C to stop")
-            try:
-                while all(p.poll() is None for p in procs):
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
-        console.print("stopping the fleet…")
+        if t.get("task_type") == "inference" and t["status"] == "DONE":
+            first = t["result"]["responses"][0]
+            console.print(f"         e.g. {first['prompt']!r} -> {first['text']!r}")
+    ok = all(t["status"] == "DONE" for t in final)
+    if args.keep:
+        # No FLOWMESH_API_TOKEN to export: the demo's orchestrator has none (loopback only).
+        lines = [
+            f"\nfleet still running at {url}; Ctrl-C (or SIGTERM) stops it.",
+            "To use it from another shell:",
+            f"  export FLOWMESH_URL={url}",
+        ]
+        if embedded:  # (a REDIS_URL of the user's own is theirs to export, password and all)
+            lines.append(f"  export REDIS_URL={redis_url}   # for `uv run worker` to join it")
+        lines += ["  uv run flowmesh workers", "  uv run flowmesh tasks"]
+        console.print(
+            "\n".join(lines),
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+        try:
+            while all(p.poll() is None for p in procs):
+                time.sleep(1)
+            console.print(f"a fleet process exited; see {logs}", soft_wrap=True, markup=False)
+            ok = False
+        except KeyboardInterrupt:
+            pass
     return 0 if ok else 1

@@ -14,15 +14,40 @@ from flowmesh.redis_conn import connect
 from orchestrator.app import create_app
 from orchestrator.settings import OrchestratorSettings
 
+# What `orchestrator --help` lists: every variable OrchestratorSettings.from_env reads.
+ENVIRONMENT = [
+    ("REDIS_URL", "Redis URL (required): redis://[user:password@]host:port/db; rediss:// for TLS"),
+    ("FLOWMESH_API_TOKEN", "bearer token, 16+ characters; unset: no auth, loopback only"),
+    ("REDIS_KEY_PREFIX", "prefix of every Redis key; must match the workers' (default none)"),
+    ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)"),
+    ("FLOWMESH_MAX_BODY_BYTES", "largest request body (default 8388608)"),
+    ("FLOWMESH_MAX_BATCH", "most specs in one request (default 10000)"),
+    ("SCHEDULER_REFRESH_SEC", "how often the fleet is re-read and leases checked (default 1.0)"),
+    ("WORKER_LEASE_INTERVALS", "heartbeat intervals (+1 s) before a worker is lost (default 2)"),
+    ("FLOWMESH_IDEMPOTENCY_TTL_SEC", "how long an Idempotency-Key is remembered (default 86400)"),
+]
+
+
+def environment_help(variables: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in variables) + 2
+    rows = "\n".join(f"  {name:<{width}}{text}" for name, text in variables)
+    return f"environment variables:\n{rows}"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Serve the FlowMesh API and place tasks on workers.\n"
+        "Configured by the environment, and --host/--port.",
+        epilog=environment_help(ENVIRONMENT),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (non-loopback needs FLOWMESH_API_TOKEN)",
+        help="address to bind (default 127.0.0.1; another needs FLOWMESH_API_TOKEN)",
     )
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -16,6 +17,47 @@ from worker.settings import WorkerSettings
 from worker.worker import Worker
 
 log = logging.getLogger("worker")
+
+# What `worker --help` lists: every variable WorkerSettings.from_env reads (the README's table).
+ENVIRONMENT = [
+    ("REDIS_URL", "Redis URL (required): redis://[user:password@]host:port/db; rediss:// for TLS"),
+    ("RESULTS_DIR", "task outputs go to RESULTS_DIR/<task_id>/ (default ./results_workers)"),
+    ("TASK_TOPIC", "inbox stream prefix: <TASK_TOPIC>:inbox:<WORKER_ID> (default tasks)"),
+    ("HEARTBEAT_INTERVAL_SEC", "seconds between heartbeats (default 30)"),
+    ("WORKER_ID", "stable id: letters, digits, - _ . @ (default <hostname>-<random>)"),
+    ("WORKER_TAGS", "comma-separated tags for spec.resources.tags (default none)"),
+    ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)"),
+    ("WORKER_COST_PER_HOUR", "USD per hour, reported and used as a tie-breaker (default 1.0)"),
+    ("WORKER_SLOTS", "tasks run at once (default 4)"),
+    ("WORKER_EXECUTORS", "comma-separated executors to offer (default all available)"),
+    ("WORKER_CPUS", "CPUs to offer, capping the detected count (default detected)"),
+    ("WORKER_MEMORY", "RAM to offer, e.g. 16Gi, capping the detected total (default detected)"),
+    ("WORKER_DRAIN_TIMEOUT_SEC", "on SIGTERM, how long running tasks may finish (default 60)"),
+    ("WORKER_CANCEL_GRACE_SEC", "time to stop after a cancel/timeout before a kill (default 5)"),
+    ("WORKER_GPUS", "GPUs by NVML index or UUID (default CUDA_VISIBLE_DEVICES, else all)"),
+    ("CUDA_VISIBLE_DEVICES", "the GPUs the worker keeps to when WORKER_GPUS is unset"),
+    ("MAX_WARM_MODELS", "models the inference executor keeps loaded (default 2)"),
+    ("REDIS_KEY_PREFIX", "prefix of every Redis key; must match the orchestrator's (default none)"),
+    ("FLOWMESH_FAILPOINTS", "crash tests only: before_settle:SECONDS (default none)"),
+]
+
+
+def environment_help(variables: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in variables) + 2
+    rows = "\n".join(f"  {name:<{width}}{text}" for name, text in variables)
+    return f"environment variables:\n{rows}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="worker",
+        description="Start one worker: it registers in Redis, beats, and runs the tasks placed\n"
+        "on it until SIGTERM or Ctrl-C, which let running tasks finish first.\n"
+        "Configured by the environment only.",
+        epilog=environment_help(ENVIRONMENT),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -35,7 +77,8 @@ async def serve(settings: WorkerSettings) -> None:
         await conn.aclose()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     try:
         settings = WorkerSettings.from_env(environ())
         setup_logging(settings.log_level, f"worker[{settings.worker_id}]")
