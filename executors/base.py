@@ -31,6 +31,7 @@ Executors get their settings in `setup(config)` and read no environment.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import threading
@@ -155,6 +156,20 @@ class Executor(ABC):
     def check_options(cls, body: TaskBody, where: str = "spec") -> list[tuple[str, str]]:
         """The executor's own section against its options model, and any field the core
         spec does not know as an error naming the section the executor does take."""
+        return cls._options(body, where)[1]
+
+    @classmethod
+    def parse_options(cls, body: TaskBody) -> Any:
+        """`spec.<section>` as the executor's options model (None without a model);
+        PermanentError naming every bad field."""
+        options, problems = cls._options(body, "spec")
+        if problems:
+            raise PermanentError("; ".join(f"{path}: {msg}" for path, msg in problems))
+        return options
+
+    @classmethod
+    def _options(cls, body: TaskBody, where: str) -> tuple[Any, list[tuple[str, str]]]:
+        """The parsed options (validated once) and every problem with the spec's sections."""
         problems: list[tuple[str, str]] = []
         section = cls.options_section() if cls.options is not None else None
         extra = body.model_extra or {}
@@ -166,31 +181,23 @@ class Executor(ABC):
                     else f"executor {cls.name!r} takes no options section"
                 )
                 problems.append((f"{where}.{key}", f"Extra inputs are not permitted: {hint}"))
-        if section is not None and cls.options is not None and section in extra:
-            raw = extra[section]
-            here = f"{where}.{section}"
-            try:
-                cls.options.model_validate(raw)
-            except ValidationError as exc:
-                for err in exc.errors(include_url=False):
-                    problems.append((field_path(err["loc"], here), err["msg"]))
-            except Exception as exc:  # a plugin's own validator raising something else
-                problems.append((here, f"{type(exc).__name__}: {exc}"))
+        if section is None or cls.options is None:
+            return None, problems
+        raw = extra.get(section)
+        here = f"{where}.{section}"
+        options = None
+        try:
+            options = cls.options.model_validate(raw if raw is not None else {})
+        except ValidationError as exc:
+            for err in exc.errors(include_url=False):
+                problems.append((field_path(err["loc"], here), err["msg"]))
+        except Exception as exc:  # a plugin's own validator raising something else
+            problems.append((here, f"{type(exc).__name__}: {exc}"))
+        if raw is not None:
             # pydantic ignores unknown keys by default, at every level; a spec's never are.
             seen = {path for path, _ in problems}
             problems += [p for p in unknown_fields(cls.options, raw, here) if p[0] not in seen]
-        return problems
-
-    @classmethod
-    def parse_options(cls, body: TaskBody) -> Any:
-        """`spec.<section>` as the executor's options model (None without a model);
-        PermanentError naming every bad field."""
-        problems = cls.check_options(body)
-        if problems:
-            raise PermanentError("; ".join(f"{path}: {msg}" for path, msg in problems))
-        if cls.options is None:
-            return None
-        return cls.options.model_validate((body.model_extra or {}).get(cls.options_section()) or {})
+        return options, problems
 
     @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
@@ -229,13 +236,7 @@ def unknown_fields(model: type[BaseModel], raw: Any, path: str) -> list[tuple[st
     extra_rule = model.model_config.get("extra")
     if not isinstance(raw, dict) or extra_rule == "allow":
         return []
-    names: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        names[name] = info.annotation
-        aliases: list[Any] = [info.alias, info.validation_alias]
-        if isinstance(info.validation_alias, AliasChoices):
-            aliases += info.validation_alias.choices
-        names.update({a: info.annotation for a in aliases if isinstance(a, str)})
+    names = _field_names(model)
     problems: list[tuple[str, str]] = []
     for key, value in raw.items():
         if key in names:
@@ -243,6 +244,19 @@ def unknown_fields(model: type[BaseModel], raw: Any, path: str) -> list[tuple[st
         elif extra_rule != "forbid":
             problems.append((f"{path}.{key}", "Extra inputs are not permitted"))
     return problems
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> dict[str, Any]:
+    """Every key `model` takes (names and validation aliases), with its annotation."""
+    names: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        names[name] = info.annotation
+        aliases: list[Any] = [info.alias, info.validation_alias]
+        if isinstance(info.validation_alias, AliasChoices):
+            aliases += info.validation_alias.choices
+        names.update({a: info.annotation for a in aliases if isinstance(a, str)})
+    return names
 
 
 def _nested_unknown(annotation: Any, value: Any, path: str) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from executors.base import Executor, ExecutorConfig, PermanentError, RetryableError, TaskContext
-from flowmesh.spec import ModelSpec, TaskBody
+from flowmesh.spec import Float, Int, ModelSpec, TaskBody
 
 if TYPE_CHECKING:
     import torch
@@ -43,13 +43,13 @@ class InferenceOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(128, ge=1, le=32768)
-    temperature: float = Field(1.0, ge=0, le=10)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
+    max_tokens: Int = Field(128, ge=1, le=32768)
+    temperature: Float = Field(1.0, ge=0, le=10)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=1)
     system_prompt: str | None = None
-    batch_size: int = Field(8, ge=1, le=4096)
-    seed: int | None = None
+    batch_size: Int = Field(8, ge=1, le=4096)
+    seed: Int | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ docs/architecture.md ("Retries, failures, dead letters") shows this table
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -210,3 +211,29 @@ def markdown_table() -> str:
             f"| {yes(r.keeps_outputs)} | {r.meaning} |"
         )
     return "\n".join(lines) + "\n"
+
+
+_FRAME = re.compile(r'File "([^"]+)"')
+
+
+def trim_traceback(text: str) -> str:
+    """A stored traceback as the API shows it: each frame's file without the worker's
+    directories (`site-packages/` and what precedes it, or all but the last two parts of
+    an absolute path). The worker's log keeps the whole one for the operator."""
+
+    def short(match: re.Match[str]) -> str:
+        path = match.group(1)
+        if "site-packages/" in path:
+            path = path.split("site-packages/", 1)[1]
+        elif path.startswith("/"):
+            path = "/".join(path.split("/")[-2:])
+        return f'File "{path}"'
+
+    return _FRAME.sub(short, text)
+
+
+def public_error(error: Any) -> Any:
+    """A failure record as the API serves it (see trim_traceback)."""
+    if isinstance(error, dict) and isinstance(error.get("traceback"), str):
+        return {**error, "traceback": trim_traceback(error["traceback"])}
+    return error

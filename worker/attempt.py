@@ -261,6 +261,11 @@ class Attempts:
                 recorded.reason,
                 error.get("message"),
             )
+            if error.get("traceback"):
+                # Whole, for the operator; the API serves it with the paths trimmed.
+                log.warning(
+                    "task %s attempt %d traceback:\n%s", task_id, attempt, error["traceback"]
+                )
         else:
             log.info("✓ task %s attempt %d %s done in %.3fs", task_id, attempt, task_type, elapsed)
 

@@ -161,6 +161,7 @@ def test_third_party_options_are_validated_at_submit_and_reach_the_executor(
         "[0].spec.greet.times",
         "[1].spec.greet.louder",
         "[2].spec.echo",
+        "[2].spec.greet.name",  # required, and its section is missing
         "[3].spec.echo.delaySec",
         "[3].spec.training",
     }
@@ -321,3 +322,16 @@ def test_cancelling_a_task_that_waits_its_turn_in_the_process_kills_nothing(
     done = orchestrator.wait(first)
     assert done["status"] == "DONE" and done["attempts"] == 1, done
     assert "killed on purpose" not in worker.log()
+
+
+def test_the_api_shows_a_traceback_without_the_workers_paths_and_the_log_has_it_whole(
+    orchestrator, start_worker, plugin
+):
+    worker = start_worker("w1", WORKER_EXECUTORS="flaky", PYTHONPATH=plugin)
+    (task_id,) = orchestrator.submit({"spec": {"taskType": "flaky", "maxAttempts": 1}})
+    task = orchestrator.wait(task_id)
+    assert task["status"] == "FAILED"
+    shown = task["error"]["traceback"]
+    assert "RuntimeError: transient failure" in shown
+    assert plugin not in shown and '"plugin-fm_execplugin/fm_execplugin.py"' in shown
+    wait_until(lambda: f"{plugin}/fm_execplugin.py" in worker.log(), what="the whole traceback")

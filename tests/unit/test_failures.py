@@ -103,3 +103,18 @@ def test_errors_module_still_exports_failure():
 
 def test_docs_show_the_table():
     assert markdown_table() in DOCS.read_text()
+
+
+def test_tracebacks_over_the_api_carry_no_worker_paths() -> None:
+    from flowmesh.failures import public_error
+
+    tb = (
+        "Traceback (most recent call last):\n"
+        '  File "/srv/flowmesh/worker/child.py", line 3, in run_one\n'
+        '  File "/opt/venv/lib/python3.11/site-packages/transformers/x.py", line 9, in f\n'
+        "ValueError: boom\n"
+    )
+    shown = public_error({"kind": "exception", "traceback": tb})["traceback"]
+    assert '"worker/child.py"' in shown and '"transformers/x.py"' in shown
+    assert "/srv/" not in shown and "/opt/venv" not in shown
+    assert shown.endswith("ValueError: boom\n")
