@@ -137,6 +137,9 @@ class Executor(ABC):
     # Tasks of this executor may share the GPUs they were given (a batching engine that
     # holds one model for all of them); otherwise every GPU is given whole to one task.
     shares_devices: ClassVar[bool] = False
+    # Whether it reads `spec.model`; one that does not refuses a spec that sets it (the
+    # scheduler would also prefer workers with that model warm, for nothing).
+    takes_model: ClassVar[bool] = True
 
     @classmethod
     def options_section(cls) -> str:
@@ -181,6 +184,8 @@ class Executor(ABC):
                     else f"executor {cls.name!r} takes no options section"
                 )
                 problems.append((f"{where}.{key}", f"Extra inputs are not permitted: {hint}"))
+        if body.model is not None and not cls.takes_model:
+            problems.append((f"{where}.model", f"executor {cls.name!r} takes no model"))
         if section is None or cls.options is None:
             return None, problems
         raw = extra.get(section)

@@ -20,6 +20,7 @@ class EchoOptions(BaseModel):
 class EchoExecutor(Executor):
     name = "echo"
     options = EchoOptions
+    takes_model = False
     max_concurrency = 256
 
     def run(self, task: TaskContext) -> dict[str, Any]:

@@ -32,10 +32,21 @@ _NOT_FOUND = re.compile(
     r"not a valid (model|git) identifier|is not a local folder|does not appear to have|"
     r"Repo id must|\b404\b"
 )
+# Not retried either: the hub cannot be reached at all from this worker (refused, no route,
+# no name resolution). A timeout or a reset may pass on another attempt and is retried.
 _UNREACHABLE = re.compile(
-    r"couldn't connect to|offline mode|Connection refused|Name or service not known|"
-    r"Temporary failure in name resolution|Network is unreachable"
+    r"Connection refused|Name or service not known|Temporary failure in name resolution|"
+    r"Network is unreachable|No route to host|nodename nor servname"
 )
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub library read it (the worker's environment, not ours)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 class InferenceOptions(BaseModel):
@@ -49,7 +60,7 @@ class InferenceOptions(BaseModel):
     top_k: Int | None = Field(None, ge=1)
     system_prompt: str | None = None
     batch_size: Int = Field(8, ge=1, le=4096)
-    seed: Int | None = None
+    seed: Int | None = Field(None, ge=0, le=2**64 - 1)  # what torch.manual_seed takes
 
 
 @dataclass
@@ -60,6 +71,16 @@ class _Loaded:
     dtype: torch.dtype
     stop_ids: frozenset[int]
     templated: bool  # the tokenizer has a chat template
+
+
+def _chain(exc: BaseException) -> str:
+    """The messages of an exception and of the ones that caused it."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 10:
+        parts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return " | ".join(parts)
 
 
 def _is_message(m: Any) -> bool:
@@ -249,7 +270,9 @@ class TransformersInferenceExecutor(Executor):
                     f"model {identifier!r} not found: no such local directory or hub "
                     f"repository ({first})"
                 ) from exc
-            if _UNREACHABLE.search(str(exc)):
+            if "couldn't connect to" in str(exc) and (
+                _hub_offline() or _UNREACHABLE.search(_chain(exc))
+            ):
                 raise PermanentError(
                     f"model {identifier!r} cannot be fetched: the model hub is unreachable from "
                     "this worker (no network, or HF_HUB_OFFLINE) and the model is not in its "

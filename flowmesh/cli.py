@@ -50,6 +50,9 @@ class _Client(Client):
 
 
 def _client(args: argparse.Namespace) -> Client:
+    if args.token and any(ord(c) < 32 or ord(c) == 127 for c in args.token):
+        # It could not be sent as a header; say so without repeating it.
+        raise UsageError("the API token holds a control character (a newline?); check it")
     try:
         return _Client(args.url, args.token)
     except ValueError as exc:
@@ -59,7 +62,7 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.file)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"cannot read {path}: {reason}") from None

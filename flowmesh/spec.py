@@ -20,6 +20,7 @@ from pydantic import (
     Strict,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.types import AllowInfNan
 from pydantic_core import PydanticCustomError
@@ -77,10 +78,10 @@ def parse_bytes(value: Any) -> Any:
     """'16Gi', '80GB', '512Mi' or a plain number of bytes -> int bytes, at most 1Pi."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 16Gi, 80GB or a number of bytes")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a size; use e.g. 16Gi, 80GB or a number of bytes")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value} is not a size; use e.g. 16Gi, 80GB or a number of bytes")
-        size = int(value)
+        size = int(value)  # an int of any length: compared below, never made a float
     elif isinstance(value, str):
         match = _SIZE.match(value)
         if not (match and match.group(2).lower() in _UNITS):
@@ -91,7 +92,8 @@ def parse_bytes(value: Any) -> Any:
     else:
         return value
     if size > MAX_BYTES:
-        raise ValueError(f"{value!r} is more than the largest size accepted, {MAX_BYTES_TEXT}")
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {len(str(size))}-digit number"
+        raise ValueError(f"{shown} is more than the largest size accepted, {MAX_BYTES_TEXT}")
     return size
 
 
@@ -137,6 +139,13 @@ class GpuRequest(StrictModel):
     count: Int = Field(0, ge=0, le=64)
     type: str | None = Field(None, description="Substring of the GPU name, e.g. H100")
     memory: Bytes | None = Field(None, description="VRAM per GPU, e.g. 40Gi")
+
+    @model_validator(mode="after")
+    def _needs_a_count(self) -> GpuRequest:
+        # A type or memory with no GPU asked for would be ignored by placement.
+        if self.count == 0 and (self.type is not None or self.memory is not None):
+            raise ValueError("gpu.type and gpu.memory need gpu.count of 1 or more")
+        return self
 
 
 class HardwareRequest(StrictModel):

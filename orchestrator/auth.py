@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import time
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -107,20 +106,24 @@ class BodyTooLarge(Exception):
     pass
 
 
-# Query parameters whose values are never logged (the API takes no secret in the query
-# string, but a client may send one anyway).
-SECRET_PARAM = re.compile(r"token|secret|pass|key|auth|sig|session|credential|code", re.I)
+# The API's own query parameters: their values are logged. Any other value is replaced by
+# ***: the API takes no secret in the query string, but a client may send one anyway, under
+# any name (`?bearer=`, `?jwt=`, a bare `?<token>`).
+LOGGED_PARAMS = frozenset({"status", "type", "limit", "cursor", "order", "wait"})
 MAX_TARGET = 500
 
 
 def _target(scope: Scope) -> str:
     """The request's path and query for a log line: escaped (no control characters or
-    spaces), secret-looking query values replaced by ***, cut at MAX_TARGET characters."""
+    spaces), query parameters other than the API's own replaced by *=***, cut at MAX_TARGET
+    characters."""
     target = quote(scope["path"], safe="/:@!$&'()*+,;=~-._")
     raw = scope.get("query_string", b"")
     if raw:
         pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
-        clean = [(k, "***" if SECRET_PARAM.search(k) else v) for k, v in pairs]
+        clean = [
+            (k if k in LOGGED_PARAMS else "*", v if k in LOGGED_PARAMS else "***") for k, v in pairs
+        ]
         target += "?" + urlencode(clean, safe="/:,*")
     return target if len(target) <= MAX_TARGET else target[: MAX_TARGET - 1] + "…"
 

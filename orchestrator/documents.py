@@ -194,7 +194,8 @@ def decode(body: bytes, content_type: str) -> list[Any]:
             status=415,
         )
     try:
-        text = body.decode("utf-8")
+        # A byte-order mark (Windows editors add one) is not part of the document.
+        text = body.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise BodyError(f"body is not UTF-8 text: {exc}") from None
     if not text.strip():
@@ -227,6 +228,13 @@ def decode(body: bytes, content_type: str) -> list[Any]:
             raise _unreadable_value(exc) from None
         except OverflowError as exc:
             raise BodyError(f"body: a value cannot be read: {exc}") from None
+        except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            # PyYAML's constructors raise these for some explicitly tagged values
+            # (`!!bool x`, `!!int ''`, `!!timestamp x`).
+            raise BodyError(
+                f"body: a tagged YAML value cannot be read ({type(exc).__name__}: {exc}); "
+                "write it plainly, without a !!tag"
+            ) from None
     # Only an escape puts a surrogate into a string read from UTF-8 text; JSON has one
     # spelling of it, YAML several (every YAML body is checked).
     strings = media not in JSON_TYPES or _SURROGATE_ESCAPE.search(text) is not None

@@ -310,10 +310,18 @@ def test_numbers_are_numbers_sizes_have_a_limit_and_unused_fields_are_refused(or
         timeoutSec=30,
         retryBackoffSec=0.5,
         resources={"hardware": {"memory": "1Pi", "cpu": 2, "gpu": {"count": 0}}},
-        model={**model, "vllm": {}},
         output={"destination": {"type": "local"}, "artifacts": []},
     )
     assert len(orchestrator.submit(fine)) == 1
+    # An empty vllm section says nothing, and is fine where a model is read.
+    reads_a_model = {
+        "spec": {
+            "taskType": "inference",
+            "model": {**model, "vllm": {}},
+            "data": {"items": ["hi"]},
+        }
+    }
+    assert len(orchestrator.submit(reads_a_model)) == 1
 
 
 def test_a_batch_with_one_bad_spec_stores_none_of_them(orchestrator, rdb):

@@ -213,3 +213,21 @@ def test_a_type_is_accepted_only_when_an_executor_for_it_exists():
         "it can be submitted once its executor is installed "
         "here or a worker offers it)"
     )
+
+
+def test_tagged_yaml_values_pyyaml_cannot_construct_are_a_400() -> None:
+    import pytest
+
+    from orchestrator.documents import BodyError, decode
+
+    for value in ("!!bool x", "!!int ''", "!!float ''", "!!timestamp x"):
+        body = f"spec: {{taskType: echo, echo: {{message: {value}}}}}\n".encode()
+        with pytest.raises(BodyError, match="tagged YAML value"):
+            decode(body, "application/yaml")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_document() -> None:
+    from orchestrator.documents import decode
+
+    body = '\ufeff{"spec": {"taskType": "echo"}}'.encode()
+    assert decode(body, "application/json") == [{"spec": {"taskType": "echo"}}]

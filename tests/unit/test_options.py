@@ -94,3 +94,21 @@ def test_a_validator_raising_anything_is_a_problem_naming_the_section() -> None:
 
 def test_a_section_that_is_not_an_object_names_the_section() -> None:
     assert set(problems("fast")) == {"spec.plugin"}
+
+
+def test_fields_that_would_be_ignored_are_refused() -> None:
+    import pytest
+
+    from executors.echo import EchoExecutor
+    from executors.transformers_inference import InferenceOptions
+    from flowmesh.spec import SpecError
+
+    gpu = {"taskType": "echo", "resources": {"hardware": {"gpu": {"type": "H100"}}}}
+    with pytest.raises(SpecError, match=r"gpu.count of 1 or more"):
+        parse_task({"spec": gpu})
+    echo = parse_task({"spec": {"taskType": "echo", "model": {"source": {"identifier": "m"}}}})
+    assert dict(EchoExecutor.check_options(echo.spec)) == {
+        "spec.model": "executor 'echo' takes no model"
+    }
+    with pytest.raises(ValueError, match="less than or equal"):
+        InferenceOptions(seed=2**64)

@@ -213,3 +213,14 @@ def test_every_template_is_a_valid_spec():
     for path in templates:
         for doc in yaml.safe_load_all(path.read_text()):
             parse_task(doc)
+
+
+def test_a_size_with_hundreds_of_digits_is_a_422_not_an_overflow() -> None:
+    import pytest
+
+    from flowmesh.spec import SpecError, parse_task
+
+    with pytest.raises(SpecError, match="more than the largest size accepted"):
+        parse_task(
+            {"spec": {"taskType": "echo", "resources": {"hardware": {"memory": 9 * 10**400}}}}
+        )
