@@ -164,7 +164,7 @@ class Resources(StrictModel):
 
 class ModelSource(StrictModel):
     identifier: str = Field(min_length=1, max_length=1024, description="Hub id or local path")
-    revision: str | None = None
+    revision: str | None = Field(None, min_length=1, max_length=255)
 
 
 class ModelSpec(StrictModel):
@@ -262,7 +262,11 @@ class TaskBody(BaseModel):
 
 class Metadata(StrictModel):
     name: str | None = Field(None, max_length=253)
-    labels: dict[str, str] = Field(default_factory=dict)
+    # Kubernetes' limits: keys up to 63 characters (253 with a prefix), values up to 63.
+    labels: dict[
+        Annotated[str, Field(min_length=1, max_length=253)],
+        Annotated[str, Field(max_length=63)],
+    ] = Field(default_factory=dict, max_length=64)
 
 
 class TaskSpec(StrictModel):

@@ -224,3 +224,21 @@ def test_a_size_with_hundreds_of_digits_is_a_422_not_an_overflow() -> None:
         parse_task(
             {"spec": {"taskType": "echo", "resources": {"hardware": {"memory": 9 * 10**400}}}}
         )
+
+
+def test_labels_and_revision_have_limits() -> None:
+    import pytest
+
+    from flowmesh.spec import SpecError, parse_task
+
+    too_many = {f"k{i}": "v" for i in range(65)}
+    for metadata, where in [
+        ({"labels": too_many}, "metadata.labels"),
+        ({"labels": {"team": "x" * 64}}, "metadata.labels.team"),
+    ]:
+        with pytest.raises(SpecError) as exc:
+            parse_task({"metadata": metadata, "spec": {"taskType": "echo"}})
+        assert [path for path, _ in exc.value.problems] == [where]
+    model = {"source": {"identifier": "m", "revision": "r" * 256}}
+    with pytest.raises(SpecError, match="at most 255"):
+        parse_task({"spec": {"taskType": "inference", "model": model}})
