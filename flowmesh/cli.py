@@ -164,7 +164,8 @@ def cmd_dead_letters(args: argparse.Namespace, console: Console) -> int:
             client.requeue(args.requeue)
             console.print(f"{args.requeue} requeued")
             return 0
-        for t in client.dead_letters(args.limit):
+        page = client.dead_letters_page(args.limit, args.cursor)
+        for t in page["tasks"]:
             err = t.get("error") or {}
             console.print(
                 f"{t['task_id']}  {t['task_type']:<10} attempts={t['attempts']} "
@@ -172,6 +173,8 @@ def cmd_dead_letters(args: argparse.Namespace, console: Console) -> int:
             )
     finally:
         client.close()
+    if page.get("next_cursor") is not None:
+        console.print(f"(more: --cursor {page['next_cursor']})")
     return 0
 
 
@@ -248,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dead-letters", help="list tasks that failed for good, or requeue one")
     s.add_argument("--requeue", metavar="TASK_ID", help="put this task back in the queue")
     s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--cursor", help="the next page: the value printed after (more: --cursor …)")
     s.set_defaults(func=cmd_dead_letters)
 
     s = sub.add_parser("workers", help="list registered workers")

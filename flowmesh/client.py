@@ -136,7 +136,14 @@ class Client:
         return dict(self._call("POST", f"/api/v1/tasks/{quote(task_id, safe='')}/cancel"))
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/api/v1/dead-letters", params={"limit": limit})["tasks"])
+        return list(self.dead_letters_page(limit)["tasks"])
+
+    def dead_letters_page(self, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:
+        """One page: `tasks`, and `next_cursor` to pass back for the next (None at the end)."""
+        params: dict[str, Any] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return dict(self._call("GET", "/api/v1/dead-letters", params=params))
 
     def requeue(self, task_id: str) -> dict[str, Any]:
         path = f"/api/v1/dead-letters/{quote(task_id, safe='')}/requeue"

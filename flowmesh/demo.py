@@ -33,8 +33,14 @@ from flowmesh.progress import watch
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as fh:
+        # A session of its own: a terminal's hang-up or Ctrl-C reaches the demo alone, which
+        # then stops its fleet in order (workers drain) instead of each dying on the spot.
         return subprocess.Popen(
-            [sys.executable, *args], env=env, stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, *args],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 

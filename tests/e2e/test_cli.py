@@ -82,6 +82,17 @@ def test_submit_wait_exits_nonzero_when_a_task_fails(orchestrator, start_worker,
     r = flowmesh(["--url", orchestrator.url, "dead-letters"], {})
     assert r.returncode == 0
     assert "permanent" in r.stdout and "nope" in r.stdout
+    # A second one, then page through them one at a time.
+    second = json.loads(spec.read_text())
+    second["spec"]["model"]["source"]["identifier"] = str(tmp_path / "nope-again")
+    (other,) = orchestrator.submit(second)
+    assert orchestrator.wait(other, timeout=60)["status"] == "FAILED"
+    first_page = flowmesh(["--url", orchestrator.url, "dead-letters", "--limit", "1"], {})
+    assert first_page.returncode == 0 and other not in first_page.stdout
+    cursor = first_page.stdout.split("(more: --cursor ")[1].split(")")[0]
+    args = ["--url", orchestrator.url, "dead-letters", "--limit", "1", "--cursor", cursor]
+    second_page = flowmesh(args, {})
+    assert second_page.returncode == 0 and other in second_page.stdout
 
 
 def test_cancel_from_the_command_line(orchestrator):
