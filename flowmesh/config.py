@@ -97,3 +97,10 @@ def setup_logging(level: str, component: str) -> None:
 
 def environ() -> Env:
     return os.environ
+
+
+def environment_help(variables: list[tuple[str, str]]) -> str:
+    """The epilog of a command's --help: each environment variable it reads, one per line."""
+    width = max(len(name) for name, _ in variables) + 2
+    rows = "\n".join(f"  {name:<{width}}{text}" for name, text in variables)
+    return f"environment variables:\n{rows}"

@@ -214,28 +214,24 @@ def beat(
     pipe: Any,
     keys: Keys,
     worker_id: str,
-    presence: WorkerPresence,
+    presence: WorkerPresence | None,
     ttl: int,
     *,
     executors_changed: bool = False,
 ) -> None:
     """One heartbeat. The first reply says whether the worker is still registered (the
-    orchestrator forgets a worker it declared lost). `executors_changed`: an executor
+    orchestrator forgets a worker it declared lost). `presence` None: the worker's state
+    could not be read, and the beat still keeps the lease. `executors_changed`: an executor
     became ready or failed since the last beat; the orchestrator re-reads the fleet."""
     now = time.time()
     pipe.sismember(keys.worker_ids, worker_id)
     pipe.set(keys.heartbeat(worker_id), f"{now:.6f}", ex=ttl)
+    if presence is None:
+        pipe.hset(keys.worker(worker_id), "last_seen", f"{now:.6f}")
+        return
     pipe.hset(keys.worker(worker_id), mapping=presence.to_hash(now))
     if executors_changed:
         add_event(pipe, keys, EventType.WORKER_READY, worker_id=worker_id)
-
-
-def beat_only(pipe: Any, keys: Keys, worker_id: str, ttl: int) -> None:
-    """A heartbeat that keeps the lease when the worker's state could not be read."""
-    now = time.time()
-    pipe.sismember(keys.worker_ids, worker_id)
-    pipe.set(keys.heartbeat(worker_id), f"{now:.6f}", ex=ttl)
-    pipe.hset(keys.worker(worker_id), "last_seen", f"{now:.6f}")
 
 
 def deregister(pipe: Any, keys: Keys, worker_id: str) -> None:

@@ -8,7 +8,7 @@ import sys
 
 import uvicorn
 
-from flowmesh.config import environ, setup_logging
+from flowmesh.config import environ, environment_help, setup_logging
 from flowmesh.errors import ConfigError
 from flowmesh.redis_conn import connect
 from orchestrator.app import create_app
@@ -26,12 +26,6 @@ ENVIRONMENT = [
     ("WORKER_LEASE_INTERVALS", "heartbeat intervals (+1 s) before a worker is lost (default 2)"),
     ("FLOWMESH_IDEMPOTENCY_TTL_SEC", "how long an Idempotency-Key is remembered (default 86400)"),
 ]
-
-
-def environment_help(variables: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in variables) + 2
-    rows = "\n".join(f"  {name:<{width}}{text}" for name, text in variables)
-    return f"environment variables:\n{rows}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -83,7 +83,8 @@ class Attempts:
         # Set when an inbox entry was left unread on purpose or by error: the inbox loop
         # then re-reads this consumer's pending entries (id 0) once a slot frees.
         self.reread = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Every coroutine this worker runs for attempts (handles, stops), for the drain.
+        self.tasks: set[asyncio.Task[None]] = set()
         # Every attempt that ends while a settle is in flight goes in the next one.
         self._settler = GroupCommit(self._settle_batch)
 
@@ -103,8 +104,8 @@ class Attempts:
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _stop(self, r: Attempt) -> None:
         """Ask the executor to stop the task; kill its child if it does not within the grace."""

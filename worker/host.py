@@ -316,7 +316,6 @@ class ExecutorHost:
         # Without NVML we do not know the GPUs, so CUDA_VISIBLE_DEVICES is left as it is.
         self.gpus_known = gpus_known
         self.max_warm_models = max_warm_models
-        self._on_change = on_change
         self.procs: dict[str, ExecutorProcess] = {}
         self._isolated: dict[str, ExecutorProcess] = {}  # req_id -> its own child
         self._supervisors: list[asyncio.Task[None]] = []

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from executors.registry import available
-from flowmesh.config import environ, setup_logging
+from flowmesh.config import environ, environment_help, setup_logging
 from flowmesh.errors import ConfigError
 from flowmesh.loop import run
 from flowmesh.redis_conn import check_server, connect, redact
@@ -40,12 +40,6 @@ ENVIRONMENT = [
     ("REDIS_KEY_PREFIX", "prefix of every Redis key; must match the orchestrator's (default none)"),
     ("FLOWMESH_FAILPOINTS", "crash tests only: before_settle:SECONDS (default none)"),
 ]
-
-
-def environment_help(variables: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in variables) + 2
-    rows = "\n".join(f"  {name:<{width}}{text}" for name, text in variables)
-    return f"environment variables:\n{rows}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

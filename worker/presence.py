@@ -117,17 +117,9 @@ class Presence:
             presence = None
         try:
             with self._client.pipeline(transaction=False) as pipe:
-                if presence is None:
-                    workers.beat_only(pipe, self.keys, self.worker_id, self.ttl)
-                else:
-                    workers.beat(
-                        pipe,
-                        self.keys,
-                        self.worker_id,
-                        presence,
-                        self.ttl,
-                        executors_changed=changed,
-                    )
+                workers.beat(
+                    pipe, self.keys, self.worker_id, presence, self.ttl, executors_changed=changed
+                )
                 registered = pipe.execute()[0]
         except BaseException:
             if changed:

@@ -354,7 +354,7 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let running tasks finish within the drain timeout; hand back the rest."""
-        tasks = self.attempts._tasks
+        tasks = self.attempts.tasks
         if not tasks:
             return
         log.info(
