@@ -137,6 +137,11 @@ class Executor(ABC):
     # Tasks of this executor may share the GPUs they were given (a batching engine that
     # holds one model for all of them); otherwise every GPU is given whole to one task.
     shares_devices: ClassVar[bool] = False
+    # Task merge (docs/architecture.md): pending tasks whose specs differ only in their
+    # `data` are sent to one worker in one delivery, and identical requests run once, their
+    # result given to every requester. On by default for an executor that sets `merges`
+    # (a batching engine gains from it); `spec.merge` decides per task.
+    merges: ClassVar[bool] = False
     # Whether it reads `spec.model`; one that does not refuses a spec that sets it (the
     # scheduler would also prefer workers with that model warm, for nothing).
     takes_model: ClassVar[bool] = True
@@ -213,6 +218,13 @@ class Executor(ABC):
         dependencies, so a spec that can never run is rejected before it is stored.
         """
         return []
+
+    @classmethod
+    def deterministic(cls, body: TaskBody, options: Any) -> bool:
+        """Whether two tasks with this spec give the same result, so that identical ones may
+        be run once (greedy decoding or a fixed seed, say). Only asked of a task with merge
+        on; the default, False, merges such tasks into one delivery but runs each."""
+        return False
 
     def setup(self, config: ExecutorConfig) -> None:
         """Called once in the child process before the first task."""

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from executors.base import Executor, TaskContext
-from flowmesh.spec import Float
+from flowmesh.spec import Float, TaskBody
 
 
 class EchoOptions(BaseModel):
@@ -22,6 +22,10 @@ class EchoExecutor(Executor):
     options = EchoOptions
     takes_model = False
     max_concurrency = 256
+
+    @classmethod
+    def deterministic(cls, body: TaskBody, options: Any) -> bool:
+        return True  # its result is its input
 
     def run(self, task: TaskContext) -> dict[str, Any]:
         options: EchoOptions = task.options

@@ -120,15 +120,23 @@ class TransformersInferenceExecutor(Executor):
     shares_devices = True
     # Tasks wait on the lock here rather than in Redis, so a warm model serves them in turn.
     max_concurrency = 4
+    # Compatible requests share one delivery; identical greedy or seeded ones run once.
+    merges = True
 
     def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
         self._models: OrderedDict[tuple[str, str | None, str, str], _Loaded] = OrderedDict()
         # Read by health() on the heartbeat thread while run() may hold the lock for minutes.
         self._warm_ids: tuple[str, ...] = ()
+        self._loading_id: str | None = None
         self._lock = threading.Lock()
         # The worker accounts for GPUs (NVML saw some): a task uses the ones it was given.
         self._gpus_assigned = False
+
+    @classmethod
+    def deterministic(cls, body: TaskBody, options: Any) -> bool:
+        """Greedy decoding, or sampling from a fixed seed."""
+        return bool(options is not None and (options.temperature == 0 or options.seed is not None))
 
     @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
@@ -141,6 +149,18 @@ class TransformersInferenceExecutor(Executor):
         for i, item in enumerate(items):
             if problem := _item_problem(item):
                 problems.append((f"spec.data.items[{i}]", problem))
+        if body.model is not None and body.model.vllm:
+            problems.append(
+                ("spec.model.vllm", "read only by the vLLM engine: set spec.model.engine: vllm")
+            )
+        if body.model is not None and body.model.lora is not None:
+            problems.append(
+                (
+                    "spec.model.lora",
+                    "LoRA adapters are served by the vLLM engine for now: set "
+                    "spec.model.engine: vllm",
+                )
+            )
         return problems
 
     def setup(self, config: ExecutorConfig) -> None:
@@ -189,7 +209,11 @@ class TransformersInferenceExecutor(Executor):
         }
 
     def health(self) -> dict[str, Any]:
-        return {"loaded_models": list(self._warm_ids)}
+        loading = self._loading_id
+        return {
+            "loaded_models": list(self._warm_ids),
+            "loading_models": [loading] if loading else [],
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -226,7 +250,11 @@ class TransformersInferenceExecutor(Executor):
         while len(self._models) >= self.max_warm_models:
             self._evict()
         started = time.monotonic()
-        self._models[key] = self._load(spec, device)
+        self._loading_id = spec.source.identifier
+        try:
+            self._models[key] = self._load(spec, device)
+        finally:
+            self._loading_id = None
         self._warm_ids = tuple(k[0] for k in self._models)
         return self._models[key], time.monotonic() - started
 

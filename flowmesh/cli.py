@@ -144,6 +144,21 @@ def cmd_workers(args: argparse.Namespace, console: Console) -> int:
                 console.print(
                     f"  executor {name} {state['state']}: {state['reason']}", markup=False
                 )
+        loading = set(w.get("loading_models") or [])
+        for model in [*w.get("loaded_models", []), *sorted(loading)]:
+            console.print(
+                f"  model {model} {'loading' if model in loading else 'loaded'}",
+                markup=False,
+                highlight=False,
+            )
+        for name, engines in (w.get("engines") or {}).items():
+            for model, e in engines.items():
+                console.print(
+                    f"  engine {name} {model}: {e.get('state')}, "
+                    f"{e.get('running', 0)}/{e.get('max_num_seqs', '?')} requests in the batch",
+                    markup=False,
+                    highlight=False,
+                )
     return 0
 
 

@@ -156,23 +156,37 @@ def _example_specs(
             "(its text is gibberish; pass --model for a real one)…"
         )
         model = str(build_tiny_llama(scratch / "tiny-llama"))
-    specs.append(
+    # Four single-prompt requests for one model with the same sampling options: task merge
+    # sends them to one worker in one delivery, and the two identical ones (greedy
+    # decoding) run once. First in the batch, so they are placed together.
+    prompts = ["The quick brown fox", "Once upon a time", "FlowMesh runs", "The quick brown fox"]
+    inference = [
         {
             "apiVersion": "flowmesh/v1",
             "kind": "Task",
-            "metadata": {"name": "inference"},
+            "metadata": {"name": f"inference-{i + 1}"},
             "spec": {
                 "taskType": "inference",
                 "model": {"source": {"identifier": model}},
-                "data": {
-                    "type": "list",
-                    "items": ["The quick brown fox", "Once upon a time", "FlowMesh runs"],
-                },
-                "inference": {"max_tokens": 16, "temperature": 0, "batch_size": 2},
+                "data": {"type": "list", "items": [prompt]},
+                "inference": {"max_tokens": 16, "temperature": 0},
             },
         }
-    )
-    return specs
+        for i, prompt in enumerate(prompts)
+    ]
+    return inference + specs
+
+
+def _merge_note(task: dict[str, Any], tasks: list[dict[str, Any]]) -> str:
+    """What task merge did with an inference task, by the names the demo gave."""
+    names = {t["task_id"]: t.get("name") or t["task_id"] for t in tasks}
+    merge = task.get("merge") or {}
+    if not merge.get("merged"):
+        return "merge: ran in a delivery of its own"
+    note = "merge: delivered with " + ", ".join(names.get(t, t) for t in merge["with"])
+    if merge.get("executed_by"):
+        note += f"; identical to {names.get(merge['executed_by'], '?')}, so run once for both"
+    return note
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> int:
@@ -254,7 +268,10 @@ def _run(args: argparse.Namespace, console: Console, stack: ExitStack, logs: Pat
         )
         if t.get("task_type") == "inference" and t["status"] == "DONE":
             first = t["result"]["responses"][0]
-            console.print(f"         e.g. {first['prompt']!r} -> {first['text']!r}")
+            console.print(
+                f"         {first['prompt']!r} -> {first['text']!r}", soft_wrap=True, markup=False
+            )
+            console.print(f"         {_merge_note(t, final)}", soft_wrap=True, markup=False)
     ok = all(t["status"] == "DONE" for t in final)
     if args.keep:
         # No FLOWMESH_API_TOKEN to export: the demo's orchestrator has none (loopback only).

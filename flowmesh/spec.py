@@ -167,22 +167,29 @@ class ModelSource(StrictModel):
     revision: str | None = Field(None, min_length=1, max_length=255)
 
 
+class LoraSource(StrictModel):
+    """A LoRA adapter served on top of `spec.model` by the same engine."""
+
+    identifier: str = Field(
+        min_length=1, max_length=2048, description="Local adapter directory, or an http(s) URL"
+    )
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+ENGINES = ("auto", "transformers", "vllm")
+
+
 class ModelSpec(StrictModel):
     source: ModelSource
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: Bool = False
-    vllm: dict[str, Any] = Field(
-        default_factory=dict, description="Reserved for the vLLM executor; must be empty now"
-    )
-
-    @field_validator("vllm")
-    @classmethod
-    def _vllm_not_yet(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # Accepting keys nothing reads would be accepting-then-ignoring; the vLLM
-        # executor will validate this section with its own options model.
-        if value:
-            raise _not_yet("no executor uses it (the vLLM executor will)")
-        return value
+    # Which engine runs an `inference` task. `auto` is settled at submit, into the stored
+    # spec: vllm when some registered worker offers it, else transformers.
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # vLLM engine arguments (max_model_len, gpu_memory_utilization, ...): checked at
+    # submit by the vLLM executor's own model; refused by the other engines.
+    vllm: dict[str, Any] = Field(default_factory=dict, description="vLLM engine options")
+    lora: LoraSource | None = None
 
 
 class DataSpec(StrictModel):
@@ -258,6 +265,11 @@ class TaskBody(BaseModel):
     retryBackoffSec: Float = Field(
         1.0, ge=0, le=3600, description="First retry delay; doubles per failure, capped at 300 s"
     )
+    merge: Bool | None = Field(
+        None,
+        description="Run with compatible pending tasks in one delivery, identical ones once "
+        "(default: on for executors that merge, such as inference; false opts out)",
+    )
 
 
 class Metadata(StrictModel):
@@ -311,6 +323,22 @@ def parse_task(document: Any, prefix: str = "") -> TaskSpec:
 
 # -- what the scheduler needs of a spec -------------------------------------------------
 
+# The executor that runs `taskType: inference` on each engine.
+INFERENCE_EXECUTORS = {"transformers": "inference", "vllm": "vllm", "auto": "inference"}
+
+
+def task_type_of(executor: str) -> str:
+    """The taskType an executor serves: its name, but `inference` for an engine's."""
+    return "inference" if executor in INFERENCE_EXECUTORS.values() else executor
+
+
+def executor_name(body: TaskBody) -> str:
+    """The executor a task needs: its taskType, but for `inference` the one of its engine
+    (`auto` is settled at submit; a stored spec names its engine)."""
+    if body.taskType == "inference" and body.model is not None:
+        return INFERENCE_EXECUTORS[body.model.engine]
+    return body.taskType
+
 
 class Requirements(BaseModel):
     """The placement-relevant part of a spec; hashable, so equal needs share one queue."""
@@ -330,7 +358,7 @@ class Requirements(BaseModel):
     def of(cls, body: TaskBody) -> Requirements:
         hw = body.resources.hardware
         return cls(
-            executor=body.taskType,
+            executor=executor_name(body),
             cpu=hw.cpu or 0.0,
             memory=hw.memory or 0,
             gpu_count=hw.gpu.count,

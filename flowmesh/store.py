@@ -38,12 +38,16 @@ class NewTask:
     spec: TaskSpec
     requirements: Requirements
     score: float
+    merge_key: str = ""
+    identity: str = ""
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One inbox entry: an attempt of a task handed to a worker. `spec` is the stored
-    spec as JSON text; the executor child parses it."""
+    """One attempt of a task handed to a worker: an inbox entry, or one child of a merged
+    entry (they share its `stream_id`; `group` lists the tasks it carries). `spec` is the
+    stored spec as JSON text; the executor child parses it. `task_type` names the executor
+    that runs it. `identity` is set when identical tasks may be run once for all."""
 
     stream_id: str
     task_id: str
@@ -51,21 +55,48 @@ class Delivery:
     task_type: str
     timeout: float | None
     spec: str
+    identity: str = ""
+    created_at: float | None = None
+    group: tuple[str, ...] = ()
 
     @classmethod
-    def from_entry(cls, stream_id: str, fields: dict[str, str]) -> Delivery:
+    def from_entry(cls, stream_id: str, fields: dict[str, str]) -> list[Delivery]:
+        """The attempts an inbox entry carries: one, or each child of a merged delivery."""
         task_type, timeout = fields.get("task_type"), fields.get("timeout_sec")
         if task_type is None:  # placed by an orchestrator from before these fields
             body = json.loads(fields["spec"])["spec"]
             task_type, timeout = body["taskType"], body.get("timeoutSec")
-        return cls(
-            stream_id=stream_id,
-            task_id=fields["task_id"],
-            attempt=int(fields["attempt"]),
-            task_type=task_type,
-            timeout=float(timeout) if timeout else None,
-            spec=fields["spec"],
-        )
+        children = fields.get("merge_children")
+        if children:
+            rows = json.loads(children)
+            group = tuple(str(c["task_id"]) for c in rows)
+            return [
+                cls(
+                    stream_id=stream_id,
+                    task_id=str(c["task_id"]),
+                    attempt=int(c["attempt"]),
+                    task_type=task_type,
+                    timeout=float(c["timeout_sec"]) if c.get("timeout_sec") else None,
+                    spec=c["spec"],
+                    identity=c.get("identity") or "",
+                    created_at=float(c["created_at"]) if c.get("created_at") else None,
+                    group=group,
+                )
+                for c in rows
+            ]
+        created = fields.get("created_at")
+        return [
+            cls(
+                stream_id=stream_id,
+                task_id=fields["task_id"],
+                attempt=int(fields["attempt"]),
+                task_type=task_type,
+                timeout=float(timeout) if timeout else None,
+                spec=fields["spec"],
+                identity=fields.get("identity") or "",
+                created_at=float(created) if created else None,
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,10 @@ class QueueEntry:
     score: float
     not_before: float = 0.0
     avoid: frozenset[str] = frozenset()
+    # Task merge (orchestrator.merge): tasks with one merge key may share a delivery;
+    # tasks with one identity are the same request, run once. '' for none.
+    merge_key: str = ""
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,7 +174,11 @@ class TaskStore:
 
     # -- submit ------------------------------------------------------------------
     async def submit(
-        self, specs: list[TaskSpec], idempotency_key: str | None = None, ttl: int = 86_400
+        self,
+        specs: list[TaskSpec],
+        idempotency_key: str | None = None,
+        ttl: int = 86_400,
+        merge: list[tuple[str, str]] | None = None,
     ) -> tuple[list[NewTask], list[str] | None]:
         """Store a batch of PENDING tasks all at once, or none of them: one script call.
 
@@ -152,8 +191,11 @@ class TaskStore:
         k = self.keys
         ids = [uuid.uuid4().hex for _ in specs]
         requirements = [Requirements.of(spec.spec) for spec in specs]
+        merge = merge or [("", "")] * len(specs)
         rows = []
-        for task_id, spec, req in zip(ids, specs, requirements, strict=True):
+        for task_id, spec, req, (merge_key, identity) in zip(
+            ids, specs, requirements, merge, strict=True
+        ):
             body = spec.spec
             rows.append(
                 [
@@ -166,6 +208,9 @@ class TaskStore:
                     repr(body.timeoutSec) if body.timeoutSec else "",
                     spec.model_dump_json(),
                     req.model_dump_json(),
+                    req.executor,
+                    merge_key,
+                    identity,
                 ]
             )
         args = [
@@ -192,9 +237,9 @@ class TaskStore:
             return [], list(json.loads(reply[1]))
         first, scores = int(reply[1]), reply[2]
         return [
-            NewTask(task_id, first + i, spec, req, float(score))
-            for i, (task_id, spec, req, score) in enumerate(
-                zip(ids, specs, requirements, scores, strict=True)
+            NewTask(task_id, first + i, spec, req, float(score), *keys)
+            for i, (task_id, spec, req, score, keys) in enumerate(
+                zip(ids, specs, requirements, scores, merge, strict=True)
             )
         ], None
 
@@ -268,11 +313,21 @@ class TaskStore:
             for task_id in task_ids:
                 pipe.hmget(
                     self.keys.task(task_id),
-                    ["status", "requirements", "score", "retry_at", "avoid_workers"],
+                    [
+                        "status",
+                        "requirements",
+                        "score",
+                        "retry_at",
+                        "avoid_workers",
+                        "merge_key",
+                        "identity",
+                    ],
                 )
             rows = await pipe.execute()
         out: list[QueueEntry | None] = []
-        for task_id, (status, req, score, retry_at, avoid) in zip(task_ids, rows, strict=True):
+        for task_id, (status, req, score, retry_at, avoid, merge_key, identity) in zip(
+            task_ids, rows, strict=True
+        ):
             if status != TaskStatus.PENDING.value or not req:
                 out.append(None)
                 continue
@@ -283,6 +338,8 @@ class TaskStore:
                     score=float(score),
                     not_before=float(retry_at) if retry_at else 0.0,
                     avoid=frozenset(a for a in (avoid or "").split(",") if a),
+                    merge_key=merge_key or "",
+                    identity=identity or "",
                 )
             )
         return out
@@ -295,28 +352,33 @@ class TaskStore:
             await pipe.execute()
 
     # -- orchestrator: place -----------------------------------------------------
-    async def dispatch(self, placements: list[tuple[str, str, str]]) -> list[Outcome]:
-        """Place (task_id, worker_id, inbox) triples, each atomically, in one script call.
-        Outcomes come back in the order given."""
+    async def dispatch(self, placements: list[tuple[str, str, str, str]]) -> list[Outcome]:
+        """Place (task_id, worker_id, inbox, parent) tuples in one script call. Tasks with
+        the same parent on one worker go in one merged delivery (the parent first); a task
+        whose parent is itself, or '', alone. Outcomes come back in the order given."""
         if not placements:
             return []
         k = self.keys
-        by_worker: dict[tuple[str, str], list[int]] = {}
-        for i, (_, worker_id, inbox) in enumerate(placements):
-            by_worker.setdefault((worker_id, inbox), []).append(i)
+        # worker -> parent -> indexes, in the order given
+        by_worker: dict[tuple[str, str], dict[str, list[int]]] = {}
+        for i, (task_id, worker_id, inbox, parent) in enumerate(placements):
+            deliveries = by_worker.setdefault((worker_id, inbox), {})
+            deliveries.setdefault(parent or task_id, []).append(i)
         keys = [
             k.pending_queue,
             k.tasks_by_status(TaskStatus.PENDING),
             k.tasks_by_status(TaskStatus.DISPATCHED),
         ]
-        groups: list[tuple[str, list[str]]] = []
+        groups: list[tuple[str, list[list[str]]]] = []
         order: list[int] = []
-        for (worker_id, inbox), indexes in by_worker.items():
-            ids = [placements[i][0] for i in indexes]
+        for (worker_id, inbox), deliveries in by_worker.items():
             keys += [k.worker(worker_id), k.heartbeat(worker_id), k.worker_tasks(worker_id), inbox]
-            keys += [k.task(t) for t in ids]
+            ids: list[list[str]] = []
+            for indexes in deliveries.values():
+                ids.append([placements[i][0] for i in indexes])
+                keys += [k.task(placements[i][0]) for i in indexes]
+                order += indexes
             groups.append((worker_id, ids))
-            order += indexes
         reply = await self._dispatch(keys=keys, args=[f"{time.time():.6f}", json.dumps(groups)])
         out: list[Outcome] = [Outcome(False)] * len(placements)
         for i, r in zip(order, reply, strict=True):
@@ -471,6 +533,26 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "updated_at": num("updated_at"),
         "retry_at": num("retry_at") if status == TaskStatus.PENDING else None,
         "history": _loads(raw.get("history")) or [],
+        "merge": _merge_view(raw),
         "active": status in ACTIVE,
         "spec": _loads(raw.get("spec")),
+    }
+
+
+def _merge_view(raw: dict[str, str]) -> dict[str, Any] | None:
+    """How task merge treats the task: None when merge is off for it; else whether its
+    last delivery was merged and with which tasks, and, when an identical task ran for it,
+    which one."""
+    if not raw.get("merge_key"):
+        return None
+    group = _loads(raw.get("merge_group")) or []
+    result = _loads(raw.get("result"))
+    executed_by = result.get("executed_by") if isinstance(result, dict) else None
+    return {
+        "enabled": True,
+        "identical_runs_once": bool(raw.get("identity")),
+        "merged": len(group) > 1,
+        "parent": raw.get("merge_parent") or None,
+        "with": [t for t in group if t != raw["task_id"]],
+        "executed_by": executed_by,
     }

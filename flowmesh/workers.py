@@ -55,6 +55,10 @@ class WorkerPresence:
     devices: dict[str, list[int]]  # attempt -> GPU indices it holds
     load: dict[str, Any]
     cost_accrued: float
+    loading_models: list[str] = field(default_factory=list)
+    # Per executor, what its engines report (a batching engine: model, state, requests
+    # running and its batch capacity).
+    engines: dict[str, Any] = field(default_factory=dict)
 
     def to_hash(self, now: float) -> dict[str, str | int]:
         return {
@@ -63,6 +67,8 @@ class WorkerPresence:
             "running": self.running,
             "current_tasks": json.dumps(self.current_tasks),
             "loaded_models": json.dumps(self.loaded_models),
+            "loading_models": json.dumps(self.loading_models),
+            "engines": json.dumps(self.engines),
             "executor_states": json.dumps(
                 {name: s.to_json() for name, s in sorted(self.executor_states.items())}
             ),
@@ -98,6 +104,8 @@ class WorkerRecord:
     devices: dict[str, list[int]] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)
     cost_accrued: float = 0.0
+    loading_models: list[str] = field(default_factory=list)
+    engines: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready_executors(self) -> frozenset[str]:
@@ -149,6 +157,8 @@ class WorkerRecord:
             running=int(raw.get("running") or 0),
             current_tasks=j("current_tasks", []),
             loaded_models=j("loaded_models", []),
+            loading_models=j("loading_models", []),
+            engines=j("engines", {}),
             executor_states=_states(j("executor_states", {})),
             devices=j("devices", {}),
             load=j("load", {}),
@@ -170,6 +180,8 @@ class WorkerRecord:
             "running": self.running,
             "current_tasks": self.current_tasks,
             "loaded_models": self.loaded_models,
+            "loading_models": self.loading_models,
+            "engines": self.engines,
             "devices": self.devices,
             "load": self.load,
             "cost_per_hour": self.cost_per_hour,

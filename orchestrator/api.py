@@ -18,16 +18,18 @@ from executors.base import Executor
 from executors.registry import entry_points_by_name, load
 from flowmesh import workers
 from flowmesh.failures import public_error
-from flowmesh.spec import SpecError
+from flowmesh.spec import INFERENCE_EXECUTORS, SpecError, TaskSpec, executor_name
 from flowmesh.status import TaskStatus
 from orchestrator.documents import BodyError, decode, validate
 from orchestrator.fleet import Fleet
+from orchestrator.merge import merge_keys
 
 log = logging.getLogger(__name__)
 # Bodies larger than this are decoded and validated on a worker thread (see submit_tasks).
 OFFLOAD_BYTES = 1 << 20
 OFFLOAD_YAML_BYTES = 32 << 10
 router = APIRouter(prefix="/api/v1")
+VLLM_EXECUTOR = INFERENCE_EXECUTORS["vllm"]
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 _SUBMIT_BODY = {
@@ -84,6 +86,23 @@ def _available_types(f: Fleet) -> set[str]:
     return available
 
 
+def _settle_engine(f: Fleet) -> Callable[[TaskSpec], TaskSpec]:
+    """`spec.model.engine: auto`, settled into the stored spec: `vllm` when a registered
+    worker offers the vLLM executor (it offers it only where vLLM is installed and runs),
+    else `transformers`. The stored spec, shown in the task's status, names the engine."""
+    offered = any(VLLM_EXECUTOR in view.executors for view in f.scheduler.workers.values())
+    engine = "vllm" if offered else "transformers"
+
+    def settle(spec: TaskSpec) -> TaskSpec:
+        body = spec.spec
+        if body.taskType != "inference" or body.model is None or body.model.engine != "auto":
+            return spec
+        model = body.model.model_copy(update={"engine": engine})
+        return spec.model_copy(update={"spec": body.model_copy(update={"model": model})})
+
+    return settle
+
+
 def _spec_error(exc: SpecError) -> JSONResponse:
     return JSONResponse(
         status_code=422,
@@ -125,6 +144,7 @@ async def submit_tasks(request: Request) -> Any:
         max_batch=settings.max_batch,
         available_types=_available_types(f),
         executor_of=_executor,
+        resolve=_settle_engine(f),
     )
     try:
         specs = await run(check, docs)
@@ -136,7 +156,8 @@ async def submit_tasks(request: Request) -> Any:
             status_code=422,
             content={"detail": "Idempotency-Key header: 1-200 letters, digits and -_.: only"},
         )
-    tasks, existing = await f.submit(specs, key)
+    merge = [merge_keys(spec, _executor(executor_name(spec.spec))) for spec in specs]
+    tasks, existing = await f.submit(specs, key, merge)
     if existing is not None:
         # Seen before: the first request's tasks as they are now; nothing new is stored.
         rows = await f.store.get_many(existing)

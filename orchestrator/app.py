@@ -60,6 +60,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             lease_intervals=settings.lease_intervals,
             idempotency_ttl=settings.idempotency_ttl,
         )
+        fleet.scheduler.warm_routing = settings.warm_routing
         await fleet.start()
         app.state.fleet = fleet
         log.info(

@@ -25,7 +25,14 @@ import yaml
 from yaml.nodes import MappingNode, ScalarNode
 
 from executors.base import Executor
-from flowmesh.spec import CATALOG_TASK_TYPES, SpecError, TaskSpec, parse_task
+from flowmesh.spec import (
+    CATALOG_TASK_TYPES,
+    SpecError,
+    TaskSpec,
+    executor_name,
+    parse_task,
+    task_type_of,
+)
 
 JSON_TYPES = ("application/json",)
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -447,12 +454,15 @@ def validate(
     max_batch: int,
     available_types: Iterable[str],
     executor_of: Callable[[str], type[Executor] | None],
+    resolve: Callable[[TaskSpec], TaskSpec] | None = None,
 ) -> list[TaskSpec]:
     """Every document as a TaskSpec, or SpecError listing every problem with its path.
 
-    `available_types`: the task types some executor can run (see `submit_tasks`); any
-    other taskType is refused, catalogue types included, so no task waits for an
-    executor that does not exist."""
+    `available_types`: the executors installed here or offered by a worker (see
+    `submit_tasks`); a taskType none of them serves is refused, catalogue types included,
+    so no task waits for an executor that does not exist. `resolve` settles what a spec
+    leaves to the fleet (the engine of `engine: auto`) before the executor that will run
+    it checks it."""
     if not documents:
         raise SpecError([("body", "no task spec found")])
     if len(documents) > max_batch:
@@ -465,7 +475,8 @@ def validate(
                 )
             ]
         )
-    allowed = sorted(set(available_types))
+    executors = set(available_types)
+    allowed = sorted({task_type_of(name) for name in executors})
     batch = len(documents) > 1
     specs: list[TaskSpec] = []
     problems: list[tuple[str, str]] = []
@@ -481,13 +492,19 @@ def validate(
         if task_type not in allowed:
             problems.append((f"{where}.taskType", _no_executor(task_type, allowed)))
             continue
-        cls = executor_of(task_type)
+        if resolve is not None:
+            spec = resolve(spec)
+        name = executor_name(spec.spec)
+        if name not in executors:
+            problems.append((f"{where}.model.engine", _no_executor(name, sorted(executors))))
+            continue
+        cls = executor_of(name)
         if cls is not None:
             problems.extend(cls.check_options(spec.spec, where))
             try:
                 checked = cls.validate_spec(spec.spec)
             except Exception as exc:  # a plugin's check must not turn a bad spec into a 500
-                checked = [("spec", f"executor {task_type!r} rejected it: {exc}")]
+                checked = [("spec", f"executor {name!r} rejected it: {exc}")]
             for path, msg in checked:
                 problems.append((f"{prefix}.{path}" if prefix else path, msg))
         specs.append(spec)

@@ -28,6 +28,7 @@ from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus
 from flowmesh.store import Ending, NewTask, QueueEntry, TaskStore
+from orchestrator.merge import MergeKeys
 from orchestrator.scheduler import Scheduler, WorkerView
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,23 @@ class Fleet:
 
     # -- submit ------------------------------------------------------------------
     async def submit(
-        self, specs: list[TaskSpec], idempotency_key: str | None = None
+        self,
+        specs: list[TaskSpec],
+        idempotency_key: str | None = None,
+        merge: list[MergeKeys] | None = None,
     ) -> tuple[list[NewTask], list[str] | None]:
-        tasks, existing = await self.store.submit(specs, idempotency_key, self.idempotency_ttl)
+        keys = [(m.merge_key, m.identity) for m in merge] if merge else None
+        tasks, existing = await self.store.submit(
+            specs, idempotency_key, self.idempotency_ttl, keys
+        )
         now = time.time()
         for t in tasks:
-            self.scheduler.add_pending(QueueEntry(t.task_id, t.requirements, t.score), now)
+            self.scheduler.add_pending(
+                QueueEntry(
+                    t.task_id, t.requirements, t.score, merge_key=t.merge_key, identity=t.identity
+                ),
+                now,
+            )
         self.wake()
         return tasks, existing
 
@@ -168,12 +180,13 @@ class Fleet:
         ids = sorted(tasks)
         async with self.conn.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hmget(k.task(task_id), ["attempts", "status"])
+                pipe.hmget(k.task(task_id), ["attempts", "status", "merge_group"])
             rows = await pipe.execute()
         # Lost before it started, a task cannot be what killed the worker: re-place it
         # uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss counts
         # toward maxAttempts (the rule's `charged`), as a system failure counts toward
-        # Ray's max_retries.
+        # Ray's max_retries; unless it ran in a merged delivery, where the loss belongs to
+        # the delivery and no one child can be blamed for it.
         lost = rule(FailureKind.WORKER_LOST)
         endings = [
             Ending(
@@ -181,10 +194,10 @@ class Fleet:
                 int(attempt),
                 TaskStatus.FAILED,
                 error=error,
-                charge=lost.charged and status == TaskStatus.RUNNING.value,
+                charge=lost.charged and status == TaskStatus.RUNNING.value and not group,
                 immediate=lost.immediate,
             )
-            for task_id, (attempt, status) in zip(ids, rows, strict=True)
+            for task_id, (attempt, status, group) in zip(ids, rows, strict=True)
             if attempt is not None
         ]
         if endings:
@@ -257,7 +270,7 @@ class Fleet:
             plan, blocked = self.scheduler.plan(PLAN_BATCH, time.time())
             if plan:
                 outcomes = await self.store.dispatch(
-                    [(p.task_id, p.worker_id, p.inbox) for p in plan]
+                    [(p.task_id, p.worker_id, p.inbox, p.parent) for p in plan]
                 )
                 for p, outcome in zip(plan, outcomes, strict=True):
                     if outcome.ok:

@@ -25,6 +25,10 @@ ENVIRONMENT = [
     ("SCHEDULER_REFRESH_SEC", "how often the fleet is re-read and leases checked (default 1.0)"),
     ("WORKER_LEASE_INTERVALS", "heartbeat intervals (+1 s) before a worker is lost (default 2)"),
     ("FLOWMESH_IDEMPOTENCY_TTL_SEC", "how long an Idempotency-Key is remembered (default 86400)"),
+    (
+        "SCHEDULER_WARM_ROUTING",
+        "prefer workers with the task's model loaded; false: by load only (default true)",
+    ),
 ]
 
 

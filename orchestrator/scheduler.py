@@ -6,12 +6,24 @@ task is ready (not starting, not failed), and it has a free slot.
 Soft score among those: model already loaded (warm) > lower load > lower cost.
 Queue order: priority, then age. Tasks with equal requirements share one queue,
 so one check decides for all of them and a blocked kind never holds up another.
+
+Warm routing: a worker counts as warm for a model it reports loaded or loading, or
+that the scheduler sent it in the last ASSIGNED_TTL seconds (its heartbeat may not say
+so yet). While some worker is warm for a task's model but full, the task waits for it
+rather than load a second copy elsewhere, unless the backlog for that model exceeds
+SPILL_ROUNDS times the warm workers' slots: then a cold worker loads it too.
+
+Task merge (orchestrator.merge): when a task with a merge key is placed, queued tasks
+with the same key and requirements join it, up to MERGE_MAX and the worker's free
+slots, as one delivery (`Placement.parent`). A task identical to one already placed
+goes to the worker running it, which runs it once for both.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +34,12 @@ from flowmesh.store import QueueEntry
 from flowmesh.workers import ExecutorStatus, WorkerRecord
 
 TAKING_WORK = frozenset({WorkerStatus.IDLE.value, WorkerStatus.BUSY.value})
+# Children of one merged delivery, at most.
+MERGE_MAX = 64
+# A model placed on a worker counts as warm there this long, heartbeat or not.
+ASSIGNED_TTL = 60.0
+# Backlog per warm slot beyond which a cold worker loads a model that is warm elsewhere.
+SPILL_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,9 @@ class WorkerView:
     alive: bool
     cost_per_hour: float = 1.0
     loaded_models: frozenset[str] = frozenset()
+    loading_models: frozenset[str] = frozenset()
+    # Models the scheduler sent here lately (see ASSIGNED_TTL), which it may be loading.
+    assigned_models: set[str] = field(default_factory=set)
     heartbeat_interval: float = 30.0
     # Executors tasks may be placed for now; None: every executor offered.
     ready: frozenset[str] | None = None
@@ -71,6 +92,7 @@ class WorkerView:
             alive=alive,
             cost_per_hour=record.cost_per_hour,
             loaded_models=frozenset(record.loaded_models),
+            loading_models=frozenset(record.loading_models),
             heartbeat_interval=record.heartbeat_interval,
             ready=record.ready_executors,
             executor_states=record.executor_states,
@@ -123,9 +145,16 @@ class WorkerView:
             and self.used_gpus + req.gpu_count <= self.matching_gpus(req)
         )
 
-    def rank(self, req: Requirements) -> tuple[int, float, float, str]:
+    def warm(self, model: str | None) -> bool:
+        return bool(model) and (
+            model in self.loaded_models
+            or model in self.loading_models
+            or model in self.assigned_models
+        )
+
+    def rank(self, req: Requirements, warm_routing: bool = True) -> tuple[int, float, float, str]:
         """Soft score, lower is better: warm model, then load, then cost."""
-        warm = 0 if req.model and req.model in self.loaded_models else 1
+        warm = 0 if warm_routing and self.warm(req.model) else 1
         return (warm, self.running / self.slots, self.cost_per_hour, self.worker_id)
 
     def take(self, req: Requirements) -> None:
@@ -149,6 +178,8 @@ class Placement:
     worker_id: str
     inbox: str
     entry: QueueEntry
+    # The task whose delivery carries this one (merged); itself when it is not merged.
+    parent: str = ""
 
 
 @dataclass
@@ -169,11 +200,32 @@ class Scheduler:
     )
     _parked: dict[Requirements, set[str]] = field(default_factory=dict)
     _groups_of: dict[str, set[Requirements]] = field(default_factory=dict)
+    # Warm routing on (WARM_ROUTING); off ranks workers by load and cost alone.
+    warm_routing: bool = True
+    # Queued tasks with a merge key, in arrival order, per (requirements, merge key).
+    _mergeable: dict[tuple[Requirements, str], dict[str, None]] = field(default_factory=dict)
+    _queued: Counter[Requirements] = field(default_factory=Counter)
+    # Queued tasks per identity, so that twins travel in one delivery and run once.
+    _twins: dict[str, dict[str, None]] = field(default_factory=dict)
+    # Placed tasks with an identity: where each identity runs, to send its twins there.
+    _identity_of: dict[str, str] = field(default_factory=dict)
+    _identity_at: dict[str, Counter[str]] = field(default_factory=dict)
+    # worker -> model -> when the scheduler last placed a task for it there (monotonic).
+    _assigned: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # -- workers -----------------------------------------------------------------
     def set_workers(self, views: list[WorkerView], running: dict[str, int]) -> None:
         """Replace the fleet snapshot; usage is recomputed from the active tasks."""
         self.workers = {v.worker_id: v for v in views}
+        horizon = time.monotonic() - ASSIGNED_TTL
+        for worker_id in list(self._assigned):
+            view = self.workers.get(worker_id)
+            if view is None:
+                del self._assigned[worker_id]
+                continue
+            view.assigned_models = {
+                m for m, at in self._assigned[worker_id].items() if at > horizon
+            }
         for _task_id, (worker_id, req) in self.active.items():
             view = self.workers.get(worker_id)
             if view is not None:
@@ -190,7 +242,7 @@ class Scheduler:
         if found is None:
             found = [w for w in self.workers.values() if w.why_never(req) is None]
             self._candidates[req] = found
-            heap = [(w.rank(req), w.version, w.worker_id) for w in found]
+            heap = [(w.rank(req, self.warm_routing), w.version, w.worker_id) for w in found]
             heapq.heapify(heap)
             self._heaps[req] = heap
             self._parked[req] = set()
@@ -219,22 +271,51 @@ class Scheduler:
 
     # -- tasks -------------------------------------------------------------------
     def add_pending(self, entry: QueueEntry, now: float) -> None:
+        old = self.pending.get(entry.task_id)
+        if old is not None:
+            self._unqueue(old)
         self.pending[entry.task_id] = entry
+        self._queued[entry.requirements] += 1
         if entry.not_before > now:
             heapq.heappush(self.delayed, (entry.not_before, entry.task_id))
         else:
-            heapq.heappush(
-                self.queues.setdefault(entry.requirements, []), (entry.score, entry.task_id)
-            )
+            self._enqueue(entry)
+
+    def _enqueue(self, entry: QueueEntry) -> None:
+        heapq.heappush(self.queues.setdefault(entry.requirements, []), (entry.score, entry.task_id))
+        if entry.merge_key:
+            group = self._mergeable.setdefault((entry.requirements, entry.merge_key), {})
+            group[entry.task_id] = None
+        if entry.identity:
+            self._twins.setdefault(entry.identity, {})[entry.task_id] = None
+
+    def _unqueue(self, entry: QueueEntry) -> None:
+        """Forget a task that leaves the pending set (its heap entries go stale)."""
+        count = self._queued[entry.requirements] - 1
+        if count > 0:
+            self._queued[entry.requirements] = count
+        else:
+            self._queued.pop(entry.requirements, None)
+        if entry.merge_key:
+            key = (entry.requirements, entry.merge_key)
+            group = self._mergeable.get(key)
+            if group is not None:
+                group.pop(entry.task_id, None)
+                if not group:
+                    del self._mergeable[key]
+        if entry.identity:
+            twins = self._twins.get(entry.identity)
+            if twins is not None:
+                twins.pop(entry.task_id, None)
+                if not twins:
+                    del self._twins[entry.identity]
 
     def promote_due(self, now: float) -> None:
         while self.delayed and self.delayed[0][0] <= now:
             not_before, task_id = heapq.heappop(self.delayed)
             entry = self.pending.get(task_id)
             if entry is not None and entry.not_before == not_before:
-                heapq.heappush(
-                    self.queues.setdefault(entry.requirements, []), (entry.score, task_id)
-                )
+                self._enqueue(entry)
 
     def next_due(self) -> float | None:
         """When the earliest backoff ends, if any task waits on one."""
@@ -247,7 +328,9 @@ class Scheduler:
         return None
 
     def discard_pending(self, task_id: str) -> None:
-        self.pending.pop(task_id, None)  # its heap entry is skipped when it surfaces
+        entry = self.pending.pop(task_id, None)  # its heap entry is skipped when it surfaces
+        if entry is not None:
+            self._unqueue(entry)
 
     def release(self, task_id: str, worker_id: str | None = None) -> None:
         """A placed task ended or left its worker: free what it used. With `worker_id`,
@@ -256,6 +339,15 @@ class Scheduler:
         if entry is not None and worker_id is not None and entry[0] != worker_id:
             return
         entry = self.active.pop(task_id, None)
+        identity = self._identity_of.pop(task_id, None)
+        if identity is not None and entry is not None:
+            at = self._identity_at.get(identity)
+            if at is not None:
+                at[entry[0]] -= 1
+                if at[entry[0]] <= 0:
+                    del at[entry[0]]
+                if not at:
+                    del self._identity_at[identity]
         if entry is not None:
             view = self.workers.get(entry[0])
             if view is not None:
@@ -267,7 +359,8 @@ class Scheduler:
             parked = self._parked.get(req)
             if parked is not None and view.worker_id in parked:
                 parked.discard(view.worker_id)
-                heapq.heappush(self._heaps[req], (view.rank(req), view.version, view.worker_id))
+                rank = view.rank(req, self.warm_routing)
+                heapq.heappush(self._heaps[req], (rank, view.version, view.worker_id))
 
     def _head(self, req: Requirements) -> tuple[float, str] | None:
         queue = self.queues.get(req)
@@ -280,9 +373,17 @@ class Scheduler:
         self.queues.pop(req, None)
         return None
 
-    def choose(self, req: Requirements, avoid: frozenset[str] = frozenset()) -> WorkerView | None:
+    def choose(
+        self, req: Requirements, avoid: frozenset[str] = frozenset(), identity: str = ""
+    ) -> WorkerView | None:
         """The best worker for `req` now; workers in `avoid` (where an earlier attempt
-        failed) only when no other worker could ever run it."""
+        failed) only when no other worker could ever run it. A task identical to one
+        placed goes where that one is, when it has room."""
+        if identity:
+            for worker_id in self._identity_at.get(identity, ()):
+                w = self.workers.get(worker_id)
+                if w is not None and worker_id not in avoid and w.fits_now(req):
+                    return w
         if avoid:
             return self._choose_scan(req, avoid)
         self.candidates(req)
@@ -293,13 +394,26 @@ class Scheduler:
             if w is None:
                 heapq.heappop(heap)
             elif version != w.version:  # its load changed since: re-rank it
-                heapq.heapreplace(heap, (w.rank(req), w.version, worker_id))
+                heapq.heapreplace(heap, (w.rank(req, self.warm_routing), w.version, worker_id))
             elif not w.fits_now(req):
                 heapq.heappop(heap)
                 parked.add(worker_id)
             else:
-                return w
+                return None if self._wait_for_warm(req, w) else w
         return None
+
+    def _wait_for_warm(self, req: Requirements, best: WorkerView) -> bool:
+        """Whether a task should wait for a full worker that has its model warm rather
+        than have `best`, which has not, load a second copy: yes while the backlog for the
+        model is within SPILL_ROUNDS rounds of the warm workers' slots."""
+        if not self.warm_routing or not req.model or best.warm(req.model):
+            return False
+        warm_slots = sum(
+            w.slots
+            for w in self.candidates(req)
+            if w.taking_work and w.executor_ready(req.executor) and w.warm(req.model)
+        )
+        return warm_slots > 0 and self._queued[req] <= SPILL_ROUNDS * warm_slots
 
     def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
         """choose() for a retry: a linear pass, since `avoid` differs task by task."""
@@ -316,7 +430,7 @@ class Scheduler:
         for w in candidates:
             if not w.fits_now(req):
                 continue
-            key = w.rank(req)
+            key = w.rank(req, self.warm_routing)
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
@@ -337,19 +451,72 @@ class Scheduler:
             _, _, req = heapq.heappop(heads)
             head = self._head(req)
             assert head is not None
-            worker = self.choose(req, self.pending[head[1]].avoid)
+            first = self.pending[head[1]]
+            worker = self.choose(req, first.avoid, first.identity)
             if worker is None:
                 blocked.append(req)
                 continue
             _, task_id = heapq.heappop(self.queues[req])
-            entry = self.pending.pop(task_id)
-            worker.take(req)
-            self.active[task_id] = (worker.worker_id, req)
-            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry))
+            entry = self._take(task_id, worker)
+            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, task_id))
+            if entry.merge_key:
+                self._merge_into(out, entry, worker, limit, now)
             head = self._head(req)
             if head is not None:
                 heapq.heappush(heads, (head[0], next(tie), req))
         return out, blocked
+
+    def _take(self, task_id: str, worker: WorkerView) -> QueueEntry:
+        """Move a pending task onto `worker`'s account."""
+        entry = self.pending.pop(task_id)
+        self._unqueue(entry)
+        req = entry.requirements
+        worker.take(req)
+        self.active[task_id] = (worker.worker_id, req)
+        if entry.identity:
+            self._identity_of[task_id] = entry.identity
+            self._identity_at.setdefault(entry.identity, Counter())[worker.worker_id] += 1
+        if req.model:
+            worker.assigned_models.add(req.model)
+            self._assigned.setdefault(worker.worker_id, {})[req.model] = time.monotonic()
+        return entry
+
+    def _merge_into(
+        self, out: list[Placement], lead: QueueEntry, worker: WorkerView, limit: int, now: float
+    ) -> None:
+        """Add the queued tasks that share `lead`'s merge key to its delivery, while the
+        worker has room: each task's identical twins right after it (they run once, so a
+        delivery of 64 with 4 twins each is 16 runs), then the next in arrival order.
+        Retries that avoid this worker are left to their own turn."""
+        req = lead.requirements
+        key = (req, lead.merge_key)
+        size = 1
+        identity = lead.identity
+        while size < MERGE_MAX and len(out) < limit and worker.fits_now(req):
+            twins = self._twins.get(identity) if identity else None
+            group = twins or self._mergeable.get(key)
+            if not group:
+                return
+            task_id = next(iter(group))
+            entry = self.pending.get(task_id)
+            if (
+                entry is None
+                or entry.requirements != req
+                or entry.merge_key != lead.merge_key
+                or entry.not_before > now
+                or worker.worker_id in entry.avoid
+            ):
+                group.pop(task_id)
+                if twins is not None and not twins:
+                    del self._twins[identity]
+                elif twins is None and not group:
+                    del self._mergeable[key]
+                continue
+            self._take(task_id, worker)
+            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, lead.task_id))
+            size += 1
+            if not twins:
+                identity = entry.identity
 
     def undo(self, placement: Placement, *, requeue: bool) -> None:
         """A placement Redis refused: give the resources back, and requeue the task."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from flowmesh.config import Env, env_float, env_int, env_log_level, env_str
+from flowmesh.config import Env, env_bool, env_float, env_int, env_log_level, env_str
 from flowmesh.errors import ConfigError
 
 
@@ -31,6 +31,7 @@ class OrchestratorSettings:
     refresh_sec: float
     lease_intervals: float
     idempotency_ttl: int
+    warm_routing: bool = True
 
     @classmethod
     def from_env(cls, env: Env, *, host: str, port: int) -> OrchestratorSettings:
@@ -55,4 +56,5 @@ class OrchestratorSettings:
             refresh_sec=env_float(env, "SCHEDULER_REFRESH_SEC", 1.0, minimum=0.05),
             lease_intervals=env_float(env, "WORKER_LEASE_INTERVALS", 2.0, minimum=1.0),
             idempotency_ttl=env_int(env, "FLOWMESH_IDEMPOTENCY_TTL_SEC", 86_400, minimum=1),
+            warm_routing=env_bool(env, "SCHEDULER_WARM_ROUTING", True),
         )

@@ -87,6 +87,8 @@ class Attempts:
         self.tasks: set[asyncio.Task[None]] = set()
         # Every attempt that ends while a settle is in flight goes in the next one.
         self._settler = GroupCommit(self._settle_batch)
+        # Merged inbox entries (task merge) -> their children here not yet settled.
+        self._open: dict[str, set[str]] = {}
 
     # -- stopping ----------------------------------------------------------------------
     def stop_soon(self, r: Attempt, info: dict[str, Any]) -> None:
@@ -209,6 +211,8 @@ class Attempts:
                 task_dir=str(task_dir),
                 worker_id=self.worker_id,
                 task_type=task_type,
+                identity=delivery.identity,
+                created_at=delivery.created_at,
             )
             r.call = asyncio.ensure_future(self.host.run(request, gpus))
             reply = await r.call
@@ -303,10 +307,29 @@ class Attempts:
             r.delivery.task_id,
             r.delivery.attempt,
             status,
-            stream_id=r.delivery.stream_id,
+            stream_id=self.closed(r.delivery),
             **kwargs,
         )
         return await self._settler.submit(ending)
+
+    def opened(self, delivery: Delivery) -> None:
+        """Count a child of a merged inbox entry as open here until it is settled."""
+        if delivery.group:
+            self._open.setdefault(delivery.stream_id, set()).add(delivery.task_id)
+
+    def closed(self, delivery: Delivery) -> str:
+        """The inbox entry to ack now that `delivery` ends: its own, or a merged entry's
+        once the last of its children here ends ('' before that). An entry acked early
+        would not be read again after a crash, and its unsettled children would be lost."""
+        if not delivery.group:
+            return delivery.stream_id
+        still = self._open.get(delivery.stream_id)
+        if still is not None:
+            still.discard(delivery.task_id)
+            if still:
+                return ""
+            del self._open[delivery.stream_id]
+        return delivery.stream_id
 
     async def _settle_batch(self, endings: list[Ending]) -> list[Outcome]:
         """Record a batch of endings, retrying through a Redis outage (results in hand)."""

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
@@ -45,6 +45,8 @@ from worker.outputs import attempt_dir, finalise, summary
 # waiting at most LINGER_SEC for the others (see `collect`).
 LINGER_SEC = 0.005
 LINGER_BATCH = 32
+# How often the child looks for a change in its executor's health to report.
+HEALTH_SEC = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Request:
     worker_id: str
     task_type: str
     devices: tuple[int, ...] = ()  # CUDA ordinals in the child assigned to this task
+    # Set when identical tasks may run once (task merge): a request with the identity of
+    # one the child holds waits for that one's outcome instead of running again.
+    identity: str = ""
+    created_at: float | None = None  # when the task was submitted, for its queue wait
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,30 @@ class Finished:
     responses: dict[str, Any]
     result_json: str | None
     error: dict[str, Any] | None
+
+
+@dataclass
+class Execution:
+    """One run of the executor for every identical request attached to it (task merge).
+    The owner's context runs; `cancelled` (what the executor sees) is set only once no
+    request is left attached."""
+
+    owner: Request
+    attached: list[Request]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def shared_result(result: Any, owner: Request) -> Any:
+    """An identical request's copy of the owner's result: it says which task ran it."""
+    return {**result, "executed_by": owner.task_id} if isinstance(result, dict) else result
+
+
+def with_queue_wait(result: Any, req: Request, started_at: float) -> Any:
+    """A result that reports timings gets the task's queue wait too (submit to start)."""
+    if isinstance(result, dict) and isinstance(result.get("timings"), dict) and req.created_at:
+        timings = {**result["timings"], "queue_wait_sec": round(started_at - req.created_at, 4)}
+        return {**result, "timings": timings}
+    return result
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
@@ -334,13 +364,42 @@ def child_main(
             log.exception("executor %s: health() failed", executor_name)
             return {}
 
-    conn.send(("ready", safe_health()))
+    sending = threading.Lock()  # the finisher and the health reporter share the pipe
+
+    def send(message: tuple[Any, ...]) -> None:
+        with sending:
+            conn.send(message)
+
+    def report_health() -> None:
+        """Send health when it changes (a model starts or ends loading, requests come and
+        go), at most every HEALTH_SEC, so the worker record shows it between results."""
+        last = None
+        while True:
+            time.sleep(HEALTH_SEC)
+            current = safe_health()
+            if current != last:
+                last = current
+                try:
+                    send(("health", current))
+                except (OSError, ValueError):
+                    return
+
+    send(("ready", safe_health()))
+    threading.Thread(target=report_health, name="health", daemon=True).start()
     cancels: dict[str, threading.Event] = {}
     queued: dict[str, Request] = {}  # every request not yet answered
     finished: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
 
+    # Identical requests (task merge): identity -> the execution serving them, and each
+    # attached request's execution. Guarded by `shared`.
+    executions: dict[str, Execution] = {}
+    execution_of: dict[str, Execution] = {}
+    shared = threading.Lock()
+    handed: set[str] = set()  # requests whose outcome went to the finisher
+
     def context(req: Request) -> TaskContext:
         spec = TaskSpec.model_validate_json(req.spec)
+        ex = execution_of.get(req.req_id)
         return TaskContext(
             task_id=req.task_id,
             attempt=req.attempt,
@@ -348,12 +407,18 @@ def child_main(
             work_dir=attempt_dir(req.task_dir, req.attempt),
             options=cls.parse_options(spec.spec),
             devices=req.devices,
-            cancelled=cancels[req.req_id],
+            cancelled=ex.cancelled if ex is not None else cancels[req.req_id],
             log=logging.LoggerAdapter(log, {"task_id": req.task_id, "attempt": req.attempt}),
         )
 
     def hand_over(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
-        """Give the finisher a task's outcome, whatever it is."""
+        """Give the finisher a task's outcome, whatever it is; once per request."""
+        with shared:
+            if req.req_id in handed or req.req_id not in cancels:
+                return
+            handed.add(req.req_id)
+        if error is None:
+            result = with_queue_wait(result, req, started_at)
         result_json = None
         if error is None:
             result_json, error = _result_or_error(result)
@@ -370,6 +435,67 @@ def child_main(
             error=error,
         )
         finished.put(Finished(req, cancels[req.req_id], responses, result_json, error))
+
+    def attach(req: Request) -> bool:
+        """Attach a request to the execution of an identical one; False: it runs itself
+        (and owns a new execution when it has an identity)."""
+        if not req.identity:
+            return False
+        with shared:
+            ex = executions.get(req.identity)
+            if ex is not None:
+                ex.attached.append(req)
+                execution_of[req.req_id] = ex
+                return True
+            ex = executions[req.identity] = Execution(req, [req])
+            execution_of[req.req_id] = ex
+            return False
+
+    def deliver(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
+        """The outcome of `req`'s run, to it and to every request still attached."""
+        ex = execution_of.get(req.req_id)
+        if ex is None:
+            hand_over(req, started_at, t0, result, error)
+            return
+        with shared:
+            if executions.get(req.identity) is ex:
+                del executions[req.identity]
+            waiting = list(ex.attached)
+            for r in [ex.owner, *waiting]:
+                execution_of.pop(r.req_id, None)
+        for r in waiting:
+            outcome = result if r is ex.owner else shared_result(result, ex.owner)
+            hand_over(r, started_at, t0, outcome, error)
+
+    def detach(req_id: str) -> bool:
+        """A cancel of an attached request. Answers it at once unless it is the owner with
+        nobody else attached: that one stops like any task (returns False). The execution
+        is stopped once nobody is left attached."""
+        with shared:
+            ex = execution_of.get(req_id)
+            if ex is None:
+                return False
+            others = [r for r in ex.attached if r.req_id != req_id]
+            if not others and ex.owner.req_id == req_id:
+                # The owner alone: it stops as an unshared task would, and answers itself.
+                ex.cancelled.set()
+                execution_of.pop(req_id, None)
+                if executions.get(ex.owner.identity) is ex:
+                    del executions[ex.owner.identity]
+                return False
+            req = next(r for r in ex.attached if r.req_id == req_id)
+            ex.attached = others
+            if req is not ex.owner:  # the owner's run still finds its execution
+                execution_of.pop(req_id, None)
+            if not others:
+                ex.cancelled.set()
+                if executions.get(ex.owner.identity) is ex:
+                    del executions[ex.owner.identity]
+        error = failure(FailureKind.CANCELLED, "stopped by the worker")
+        hand_over(req, time.time(), time.monotonic(), None, error)
+        if not others and runner is not None:
+            runner.cancel(ex.owner.req_id)
+        return True
 
     # Sync tasks wait in the threads' queue for a free thread; one cancelled meanwhile is
     # answered at once by the main thread (never run), so its stop needs no kill.
@@ -405,7 +531,7 @@ def child_main(
             _current.reset(token)
             with turns:
                 started.discard(req.req_id)
-        hand_over(req, started_at, t0, result, error)
+        deliver(req, started_at, t0, result, error)
 
     async def arun_one(req: Request) -> None:
         """Await one task on the event loop; a cancel cancels just this coroutine."""
@@ -419,16 +545,20 @@ def child_main(
                 task_logs.open_task(req.req_id)
                 result = await executor.arun(context(req))
         except asyncio.CancelledError as exc:
-            if cancels[req.req_id].is_set():
+            ex = execution_of.get(req.req_id)
+            stop = ex.cancelled if ex is not None else cancels.get(req.req_id)
+            if stop is not None and stop.is_set():
                 error = failure(FailureKind.CANCELLED, "stopped by the worker")
             else:  # the executor's own cancellation, not a stop: a failure like any other
                 error = describe_failure(exc)
         except BaseException as exc:
             error = describe_failure(exc)
-        hand_over(req, started_at, t0, result, error)
+        deliver(req, started_at, t0, result, error)
 
     def finish(done: Finished) -> Reply:
         task_logs.close_task(done.request.req_id)
+        with shared:
+            handed.discard(done.request.req_id)
         queued.pop(done.request.req_id, None)
         result_json, error = done.result_json, done.error
         wrote = False
@@ -454,7 +584,7 @@ def child_main(
             replies, stop = collect(
                 finished, first, finish, backlog=lambda: len(cancels) > cls.max_concurrency
             )
-            conn.send(("results", replies, safe_health()))
+            send(("results", replies, safe_health()))
             if stop:
                 return
 
@@ -477,6 +607,8 @@ def child_main(
             for req in message[1]:
                 cancels[req.req_id] = threading.Event()
                 queued[req.req_id] = req
+                if attach(req):
+                    continue  # an identical request is running: its outcome is ours too
                 if runner is not None:
                     runner.submit(req.req_id, functools.partial(arun_one, req))
                 else:
@@ -486,6 +618,7 @@ def child_main(
             event = cancels.get(message[1])
             if event is not None:
                 event.set()
+            if event is not None and not detach(message[1]):
                 if runner is not None:
                     runner.cancel(message[1])
                 elif message[1] in queued:

@@ -249,6 +249,8 @@ class ExecutorProcess:
         elif kind == "setup_failed":
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(ExecutorFailure(message[1]))
+        elif kind == "health":
+            self.health = message[1]
         elif kind == "results":
             _, replies, health = message
             self.health = health
@@ -425,11 +427,18 @@ class ExecutorHost:
             if proc.in_flight:
                 proc.kill(dict.fromkeys(proc.in_flight, info))
 
-    def loaded_models(self) -> list[str]:
+    def loaded_models(self, key: str = "loaded_models") -> list[str]:
+        """Models the warm executors hold (`loading_models`: are loading), from their
+        last health report."""
         models: list[str] = []
         for proc in self.procs.values():
-            models.extend(proc.health.get("loaded_models", []))
+            models.extend(proc.health.get(key, []))
         return models
+
+    def engines(self) -> dict[str, Any]:
+        """Per executor, what its engines last reported (state, requests running, batch
+        capacity), for the worker record."""
+        return {n: p.health["engine"] for n, p in self.procs.items() if p.health.get("engine")}
 
     async def stop(self) -> None:
         self._stopping = True

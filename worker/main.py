@@ -28,7 +28,7 @@ ENVIRONMENT = [
     ("WORKER_TAGS", "comma-separated tags for spec.resources.tags (default none)"),
     ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)"),
     ("WORKER_COST_PER_HOUR", "USD per hour, reported and used as a tie-breaker (default 1.0)"),
-    ("WORKER_SLOTS", "tasks run at once (default 4)"),
+    ("WORKER_SLOTS", "tasks run at once (default 4, or a batching executor's max_concurrency)"),
     ("WORKER_EXECUTORS", "comma-separated executors to offer (default all available)"),
     ("WORKER_CPUS", "CPUs to offer, capping the detected count (default detected)"),
     ("WORKER_MEMORY", "RAM to offer, e.g. 16Gi, capping the detected total (default detected)"),

@@ -48,7 +48,7 @@ class WorkerSettings:
     tags: tuple[str, ...]
     log_level: str
     cost_per_hour: float
-    slots: int
+    slots: int  # 0 (unset): sized from the executors, see worker.worker.default_slots
     executors: frozenset[str] | None
     cpus: float | None
     memory: int | None
@@ -91,7 +91,7 @@ class WorkerSettings:
             tags=env_list(env, "WORKER_TAGS"),
             log_level=env_log_level(env),
             cost_per_hour=env_float(env, "WORKER_COST_PER_HOUR", 1.0, minimum=0.0),
-            slots=env_int(env, "WORKER_SLOTS", 4, minimum=1, maximum=4096),
+            slots=env_int(env, "WORKER_SLOTS", 0, minimum=1, maximum=4096),
             executors=frozenset(only) if only else None,
             cpus=cpus or None,
             memory=env_bytes(env, "WORKER_MEMORY"),

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -52,6 +53,7 @@ class Worker:
         self.id = settings.worker_id
         self.inbox = self.keys.inbox(settings.task_topic, self.id)
         self.executors = sorted(executors)
+        self.slots = settings.slots or default_slots(executors.values())
         self.nvml = Nvml()
         detected: Hardware = detect(self.nvml, cpus=settings.cpus, memory=settings.memory)
         gpus = usable_gpus(settings, detected.gpus)
@@ -79,7 +81,7 @@ class Worker:
                 hardware=self.hardware.to_dict(),
                 tags=list(settings.tags),
                 executors=self.executors,
-                slots=settings.slots,
+                slots=self.slots,
                 cost_per_hour=settings.cost_per_hour,
                 heartbeat_interval=settings.heartbeat_interval,
                 started_at=self.started_at,
@@ -166,6 +168,8 @@ class Worker:
             running=len(running),
             current_tasks=sorted(running),
             loaded_models=self.host.loaded_models(),
+            loading_models=self.host.loaded_models("loading_models"),
+            engines=self.host.engines(),
             executor_states=self.host.states(),
             devices=self._devices_view,
             load=self._load,
@@ -185,7 +189,7 @@ class Worker:
             gpus,
             ",".join(self.executors) or "none",
             ",".join(self.settings.tags) or "none",
-            self.settings.slots,
+            self.slots,
         )
 
     async def deregister(self) -> None:
@@ -280,7 +284,7 @@ class Worker:
         attempts = self.attempts
         start_id = "0"
         while not self._stopping.is_set():
-            free = self.settings.slots - len(self.running)
+            free = self.slots - len(self.running)
             if free <= 0:
                 attempts.slot_freed.clear()
                 await attempts.slot_freed.wait()
@@ -305,16 +309,18 @@ class Worker:
             for stream_id, fields in entries:
                 if not fields:
                     continue  # acked meanwhile
-                current = self.running.get(fields["task_id"])
-                if current is not None:
-                    if current.delivery.stream_id != stream_id:
-                        # An attempt of the same task is still ending here (stopped as
-                        # superseded, say): come back to this entry when it has.
-                        attempts.reread = True
-                    continue  # else: our own running attempt, met again on a re-read
-                delivery = Delivery.from_entry(stream_id, fields)
-                self.running[delivery.task_id] = Attempt(delivery)
-                batch.append(delivery)
+                # One attempt, or each child of a merged delivery (task merge).
+                for delivery in Delivery.from_entry(stream_id, fields):
+                    current = self.running.get(delivery.task_id)
+                    if current is not None:
+                        if current.delivery.stream_id != stream_id:
+                            # An attempt of the same task is still ending here (stopped as
+                            # superseded, say): come back to this entry when it has.
+                            attempts.reread = True
+                        continue  # else: our own running attempt, met again on a re-read
+                    attempts.opened(delivery)
+                    self.running[delivery.task_id] = Attempt(delivery)
+                    batch.append(delivery)
             if start_id != ">" and entries:
                 start_id = entries[-1][0]
             if batch:
@@ -349,8 +355,11 @@ class Worker:
             attempts.spawn(attempts.handle(self.running[delivery.task_id]))
         if dropped:
             attempts.slot_freed.set()
-            with contextlib.suppress(RedisError, OSError):  # else re-read and dropped again
-                await self.conn.xack(self.inbox, INBOX_GROUP, *(d.stream_id for d in dropped))
+            # A merged entry is acked once none of its children is left open here.
+            done = [sid for sid in (attempts.closed(d) for d in dropped) if sid]
+            if done:
+                with contextlib.suppress(RedisError, OSError):  # else re-read, dropped again
+                    await self.conn.xack(self.inbox, INBOX_GROUP, *done)
 
     async def _drain(self) -> None:
         """Let running tasks finish within the drain timeout; hand back the rest."""
@@ -381,6 +390,18 @@ class Worker:
             self.host.kill_busy(HANDED_BACK)
         if tasks:
             await asyncio.wait(set(tasks))
+
+
+# Tasks a worker runs at once unless WORKER_SLOTS says: enough for a GPU-exclusive task
+# per GPU on most machines, and no more, so the queue keeps what the worker cannot start.
+DEFAULT_SLOTS = 4
+
+
+def default_slots(executors: Iterable[type[Executor]]) -> int:
+    """DEFAULT_SLOTS, or more for a batching executor (one that awaits its tasks side by
+    side so that an engine batches them, such as vLLM): as many as it runs at once."""
+    batching = [cls.max_concurrency for cls in executors if cls.is_async()]
+    return max([DEFAULT_SLOTS, *batching])
 
 
 def usable_gpus(settings: WorkerSettings, detected: list[Gpu]) -> list[Gpu]:

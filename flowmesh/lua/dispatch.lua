@@ -1,13 +1,21 @@
 -- Place PENDING tasks on workers: the one atomic step from queue to inbox, for a batch.
 -- KEYS: 1 pending queue, 2 status:PENDING, 3 status:DISPATCHED, then per worker:
 --       its hash, heartbeat, task set and inbox stream, followed by its tasks' hashes
--- ARGV: 1 now (epoch seconds), 2 JSON array of [worker id, [task ids]], in KEYS order
+-- ARGV: 1 now (epoch seconds), 2 JSON array of [worker id, [delivery, ...]] in KEYS
+--       order, a delivery being an array of task ids: one task, or the tasks of a merged
+--       delivery (the first is its parent)
 -- Returns, per task in order, its attempt number (placed) or the reason it was not.
+--
+-- A merged delivery is one inbox entry for the parent with `merge_children`: a JSON
+-- array of {task_id, attempt, spec, timeout_sec, identity, created_at}, one per task
+-- placed (the parent first). Each task is DISPATCHED on its own, with `merge_parent`
+-- and `merge_group` (the ids delivered together) for its status; the worker acks the
+-- entry when the last of them is settled.
 local out = {}
 local k = 4
+local now = ARGV[1]
 for _, group in ipairs(cjson.decode(ARGV[2])) do
-  local worker, ids = group[1], group[2]
-  local count = #ids
+  local worker, deliveries = group[1], group[2]
   local whash, beat, tasks, inbox = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local refuse = nil
   if redis.call('EXISTS', beat) == 0 then
@@ -19,31 +27,62 @@ for _, group in ipairs(cjson.decode(ARGV[2])) do
     end
   end
   local free = tonumber(redis.call('HGET', whash, 'slots') or '0') - redis.call('SCARD', tasks)
-  for i = 1, count do
-    local key, id = KEYS[k + 3 + i], ids[i]
-    local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec')
-    local result
-    if t[1] ~= 'PENDING' then
-      result = 'task is ' .. tostring(t[1])
-    elseif refuse then
-      result = refuse
-    elseif free <= 0 then
-      result = 'worker has no free slot'
-    else
-      free = free - 1
-      result = redis.call('HINCRBY', key, 'attempts', 1)
-      local sid = redis.call('XADD', inbox, '*', 'task_id', id, 'attempt', result,
-        'task_type', t[4] or '', 'timeout_sec', t[5] or '', 'spec', t[2])
-      redis.call('HSET', key, 'status', 'DISPATCHED', 'worker_id', worker, 'inbox', inbox,
-        'stream_id', sid, 'dispatched_at', ARGV[1], 'updated_at', ARGV[1], 'reason', '')
-      redis.call('HDEL', key, 'started_at', 'retry_at')
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZREM', KEYS[2], id)
-      redis.call('ZADD', KEYS[3], t[3], id)
-      redis.call('SADD', tasks, id)
+  local j = k + 4  -- this worker's first task hash
+  for _, ids in ipairs(deliveries) do
+    local placed = {}  -- {id, key, attempt, fields} of the tasks this delivery carries
+    for i = 1, #ids do
+      local key, id = KEYS[j], ids[i]
+      j = j + 1
+      local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec',
+        'executor', 'identity', 'created_at')
+      local result
+      if t[1] ~= 'PENDING' then
+        result = 'task is ' .. tostring(t[1])
+      elseif refuse then
+        result = refuse
+      elseif free <= 0 then
+        result = 'worker has no free slot'
+      else
+        free = free - 1
+        result = redis.call('HINCRBY', key, 'attempts', 1)
+        placed[#placed + 1] = {id, key, result, t}
+      end
+      out[#out + 1] = result
     end
-    out[#out + 1] = result
+    if #placed > 0 then
+      local lead = placed[1]
+      local t = lead[4]
+      local executor = t[6]
+      if not executor or executor == '' then executor = t[4] or '' end
+      local fields = {'task_id', lead[1], 'attempt', lead[3], 'task_type', executor,
+        'timeout_sec', t[5] or '', 'identity', t[7] or '', 'created_at', t[8] or '',
+        'spec', t[2]}
+      local ids_placed = {}
+      if #placed > 1 then
+        local children = {}
+        for i, p in ipairs(placed) do
+          ids_placed[i] = p[1]
+          children[i] = {task_id = p[1], attempt = p[3], spec = p[4][2],
+            timeout_sec = p[4][5] or '', identity = p[4][7] or '', created_at = p[4][8] or ''}
+        end
+        fields[#fields + 1] = 'merge_children'
+        fields[#fields + 1] = cjson.encode(children)
+      end
+      local sid = redis.call('XADD', inbox, '*', unpack(fields))
+      local group_json = (#placed > 1) and cjson.encode(ids_placed) or ''
+      for _, p in ipairs(placed) do
+        local id, key = p[1], p[2]
+        redis.call('HSET', key, 'status', 'DISPATCHED', 'worker_id', worker, 'inbox', inbox,
+          'stream_id', sid, 'dispatched_at', now, 'updated_at', now, 'reason', '',
+          'merge_parent', (#placed > 1) and lead[1] or '', 'merge_group', group_json)
+        redis.call('HDEL', key, 'started_at', 'retry_at')
+        redis.call('ZREM', KEYS[1], id)
+        redis.call('ZREM', KEYS[2], id)
+        redis.call('ZADD', KEYS[3], p[4][3], id)
+        redis.call('SADD', tasks, id)
+      end
+    end
   end
-  k = k + 4 + count
+  k = j
 end
 return out

@@ -4,9 +4,9 @@
 -- KEYS: 1 task sequence counter, 2 tasks:all, 3 status:PENDING, 4 pending queue,
 --       5 idempotency key (unused when ARGV[3] is ''), 6.. task hashes
 -- ARGV: 1 now, 2 idempotency ttl (seconds), 3 the new ids as JSON for the idempotency
---       key ('' for none), 4 a JSON array with, per task, an array of 9 strings: task id,
+--       key ('' for none), 4 a JSON array with, per task, an array of 12 strings: task id,
 --       name, task type, priority, max attempts, retry backoff, timeout ('' for none),
---       spec json, requirements json, 5 the request's hash (sha256 hex of its canonical
+--       spec json, requirements json, executor, merge key and identity ('' for none), 5 the request's hash (sha256 hex of its canonical
 --       specs; '' without a key)
 -- Returns {1, first sequence number, {each task's queue score}}, {0, ids stored the first
 -- time (JSON)} for a replay, or {-1, ids stored the first time} when the key was stored
@@ -44,7 +44,8 @@ for i = 1, n do
   redis.call('HSET', KEYS[5 + i], 'task_id', id, 'name', a[2], 'task_type', a[3],
     'status', 'PENDING', 'priority', a[4], 'seq', seq, 'score', score, 'attempts', 0,
     'failures', 0, 'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7], 'spec', a[8],
-    'requirements', a[9], 'history', '[]', 'created_at', ARGV[1], 'updated_at', ARGV[1])
+    'requirements', a[9], 'executor', a[10], 'merge_key', a[11], 'identity', a[12],
+    'history', '[]', 'created_at', ARGV[1], 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[2], seq, id)
   redis.call('ZADD', KEYS[3], seq, id)
   redis.call('ZADD', KEYS[4], score, id)

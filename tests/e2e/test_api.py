@@ -270,9 +270,15 @@ def test_numbers_are_numbers_sizes_have_a_limit_and_unused_fields_are_refused(or
             "'2Pi' is more than the largest size accepted, 1Pi",
         ),
         (
-            echo(model={**model, "vllm": {"tensor_parallel_size": 2}}),
+            {
+                "spec": {
+                    "taskType": "inference",
+                    "model": {**model, "engine": "transformers", "vllm": {"max_model_len": 64}},
+                    "data": {"items": ["hi"]},
+                }
+            },
             "spec.model.vllm",
-            "not supported yet: no executor uses it (the vLLM executor will)",
+            "read only by the vLLM engine",
         ),
         (
             echo(output={"destination": {"type": "http"}}),

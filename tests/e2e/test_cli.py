@@ -117,10 +117,14 @@ def test_demo_runs_a_whole_fleet_on_an_embedded_redis(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "embedded Redis" in r.stdout
     done = [json.loads(p.read_text()) for p in results.glob("*/responses.json")]
-    expected = 3 if "--no-inference" in args else 4
+    expected = 3 if "--no-inference" in args else 7
     assert len(done) == expected
     assert all(d["status"] == "DONE" for d in done)
     assert {d["worker_id"] for d in done} <= {"demo-1", "demo-2"}
+    if "--no-inference" not in args:
+        # The four inference requests went in one delivery; the two identical ones ran once.
+        assert r.stdout.count("merge: delivered with") == 4, r.stdout
+        assert r.stdout.count("so run once for both") == 1, r.stdout
     assert "stopping the fleet" in r.stdout
     kept = re.search(r"logs kept in (\S+)", r.stdout)
     assert kept, r.stdout

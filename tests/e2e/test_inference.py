@@ -99,3 +99,37 @@ def test_a_hub_model_that_cannot_be_fetched_fails_once_as_permanent_saying_why(
     assert task["error"]["kind"] == "permanent"
     assert "cannot be fetched" in task["error"]["message"]
     assert "hub is unreachable" in task["error"]["message"]
+
+
+@pytest.mark.timeout(180)
+def test_inference_requests_merge_and_identical_ones_run_once(
+    orchestrator, start_worker, tiny_llama, results_dir
+):
+    # Submitted before the worker exists, so they are placed together.
+    prompts = ["the quick brown fox", "hello world", "the quick brown fox", "one two three"]
+    ids = orchestrator.submit(*(inference_spec(tiny_llama, [p]) for p in prompts))
+    stored = orchestrator.task(ids[0])["spec"]["spec"]["model"]
+    assert stored["engine"] == "transformers"  # `auto`, settled: no worker offers vllm
+    start_worker("w1", WORKER_EXECUTORS="inference")
+    tasks = [orchestrator.wait(t, timeout=150) for t in ids]
+    assert [t["status"] for t in tasks] == ["DONE"] * 4, [t["error"] for t in tasks]
+    assert {t["merge"]["parent"] for t in tasks} == {ids[0]}  # one delivery
+    # The twin of the first got its result without running; the others ran.
+    assert [t["result"].get("executed_by") for t in tasks] == [None, None, ids[0], None]
+    assert tasks[2]["result"]["responses"] == tasks[0]["result"]["responses"]
+    for t, prompt in zip(tasks, prompts, strict=True):
+        assert prompt in t["result"]["responses"][0]["prompt"]
+        saved = json.loads((results_dir / t["task_id"] / "responses.json").read_text())
+        assert saved["task_id"] == t["task_id"] and saved["result"] == t["result"]
+    worker = orchestrator.http.get("/api/v1/workers").json()["workers"][0]
+    assert worker["slots"] == 4  # a sync executor: the default, not a batch's
+
+
+def test_merge_false_runs_every_inference_request(orchestrator, start_worker, tiny_llama):
+    spec = inference_spec(tiny_llama, ["same"])
+    spec["spec"]["merge"] = False
+    ids = orchestrator.submit(spec, spec)
+    start_worker("w1", WORKER_EXECUTORS="inference")
+    tasks = [orchestrator.wait(t, timeout=150) for t in ids]
+    assert [t["status"] for t in tasks] == ["DONE", "DONE"]
+    assert all(t["merge"] is None and "executed_by" not in t["result"] for t in tasks)

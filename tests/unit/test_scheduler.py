@@ -170,3 +170,103 @@ def test_failed_worker_is_avoided_when_another_fits_and_used_when_none_does():
     add(only, "t", echo, 1, avoid=("bad",))
     (p,), _ = only.plan(10, 0.0)
     assert p.worker_id == "bad"
+
+
+def _drain_alternating(s: Scheduler, tasks: int) -> tuple[set[tuple[str, str]], int]:
+    """Submit `tasks` tasks alternating between two models, then place and finish them in
+    rounds; returns the (worker, model) pairs that ever got a task (each pair is a model
+    load on that worker) and the number of rounds."""
+    reqs = [Requirements(executor="vllm", model=m) for m in ("model-a", "model-b")]
+    for i in range(tasks):
+        add(s, f"t{i}", reqs[i % 2], float(i))
+    loads: set[tuple[str, str]] = set()
+    rounds = 0
+    while s.pending:
+        rounds += 1
+        placed, _ = s.plan(1000, now=0.0)
+        assert placed, "nothing placed while tasks wait"
+        for p in placed:
+            loads.add((p.worker_id, p.entry.requirements.model or ""))
+        for p in placed:
+            s.release(p.task_id)
+    return loads, rounds
+
+
+def test_warm_routing_loads_each_model_once_across_the_fleet():
+    # The figure: 2 workers, 2 models, 200 tasks alternating between the models.
+    s = sched(
+        worker("w1", executors=("vllm",), slots=64), worker("w2", executors=("vllm",), slots=64)
+    )
+    loads, _ = _drain_alternating(s, 200)
+    assert len(loads) == 2
+    assert {w for w, _ in loads} == {"w1", "w2"}  # one model each, both workers busy
+
+
+def test_routing_by_load_alone_loads_every_model_everywhere():
+    s = sched(
+        worker("w1", executors=("vllm",), slots=64), worker("w2", executors=("vllm",), slots=64)
+    )
+    s.warm_routing = False
+    loads, _ = _drain_alternating(s, 200)
+    assert len(loads) == 4
+
+
+def test_a_deep_backlog_spills_a_warm_model_onto_a_cold_worker():
+    # 400 tasks of one model, two workers of 64 slots: waiting for the warm worker would
+    # take over SPILL_ROUNDS rounds, so the second worker loads the model too.
+    s = sched(
+        worker("w1", executors=("vllm",), slots=64), worker("w2", executors=("vllm",), slots=64)
+    )
+    req = Requirements(executor="vllm", model="m")
+    for i in range(400):
+        add(s, f"t{i}", req, float(i))
+    placed, _ = s.plan(1000, now=0.0)
+    assert {p.worker_id for p in placed} == {"w1", "w2"}
+
+
+def test_a_worker_reporting_a_model_loaded_gets_its_tasks():
+    s = sched(worker("w1", executors=("vllm",)), worker("w2", executors=("vllm",), models=("m",)))
+    add(s, "t", Requirements(executor="vllm", model="m"), 1.0)
+    [p], _ = s.plan(10, now=0.0)
+    assert p.worker_id == "w2"
+
+
+def test_tasks_with_one_merge_key_share_a_delivery_up_to_the_free_slots():
+    s = sched(worker("w1", slots=5))
+    req = Requirements(executor="echo")
+    for i in range(8):
+        s.add_pending(QueueEntry(f"t{i}", req, float(i), merge_key="k"), 0.0)
+    s.add_pending(QueueEntry("other", req, 2.5, merge_key="z"), 0.0)
+    placed, _ = s.plan(100, now=0.0)
+    # t0 leads; t1..t4 join it (5 slots); the other key waits for a slot.
+    assert [(p.task_id, p.parent) for p in placed] == [(f"t{i}", "t0") for i in range(5)]
+    for p in placed:
+        s.release(p.task_id)
+    placed, _ = s.plan(100, now=0.0)
+    assert [(p.task_id, p.parent) for p in placed][:2] == [("other", "other"), ("t5", "t5")]
+
+
+def test_an_identical_task_goes_where_its_twin_runs():
+    s = sched(worker("w1", slots=4), worker("w2", slots=4))
+    req = Requirements(executor="echo")
+    s.add_pending(QueueEntry("a", req, 1.0, merge_key="k", identity="i"), 0.0)
+    [first], _ = s.plan(10, now=0.0)
+    # Load now favours the other worker; the twin still goes to the first one's.
+    s.add_pending(QueueEntry("b", req, 2.0, merge_key="k", identity="i"), 0.0)
+    [second], _ = s.plan(10, now=0.0)
+    assert second.worker_id == first.worker_id
+    s.release("a")
+    s.release("b")
+    s.add_pending(QueueEntry("c", req, 3.0, merge_key="k", identity="i"), 0.0)
+    [third], _ = s.plan(10, now=0.0)  # nothing of it runs any more: placed by load
+    assert third.task_id == "c"
+
+
+def test_identical_twins_travel_together_so_a_delivery_runs_fewer_times():
+    s = sched(worker("w1", slots=4))
+    req = Requirements(executor="echo")
+    for i in range(8):  # prompts a, b, a, b, ...: twins are not adjacent in the queue
+        s.add_pending(QueueEntry(f"t{i}", req, float(i), merge_key="k", identity="ab"[i % 2]), 0)
+    placed, _ = s.plan(100, now=0.0)
+    assert [p.task_id for p in placed] == ["t0", "t2", "t4", "t6"]
+    assert {p.entry.identity for p in placed} == {"a"}

@@ -111,11 +111,6 @@ def test_plain_numbers_from_yaml_or_json_are_still_numbers():
     ("spec", "path", "message"),
     [
         (
-            {"model": {"source": {"identifier": "m"}, "vllm": {"max_model_len": 4096}}},
-            "spec.model.vllm",
-            "not supported yet: no executor uses it (the vLLM executor will)",
-        ),
-        (
             {"output": {"destination": {"type": "http"}}},
             "spec.output.destination.type",
             "not supported yet: artifact upload over HTTP comes with the training executor; "
