@@ -103,6 +103,26 @@ def _item_problem(item: Any) -> str | None:
     return "expected a prompt string, {prompt: str} or {messages: [{role, content}, ...]}"
 
 
+def model_and_prompt_problems(body: TaskBody) -> list[tuple[str, str]]:
+    """What every inference engine needs of a spec: a model, and prompts it can read."""
+    problems: list[tuple[str, str]] = []
+    if body.model is None or not body.model.source.identifier.strip():
+        problems.append(("spec.model.source.identifier", "required: a hub id or a local path"))
+    items = body.data.items if body.data else []
+    if not items:
+        problems.append(("spec.data.items", "must be a non-empty list of prompts"))
+    for i, item in enumerate(items):
+        if problem := _item_problem(item):
+            problems.append((f"spec.data.items[{i}]", problem))
+    return problems
+
+
+def deterministic_sampling(options: Any) -> bool:
+    """Greedy decoding, or sampling from a fixed seed: the same prompt gives the same text,
+    so identical requests may run once (task merge)."""
+    return bool(options is not None and (options.temperature == 0 or options.seed is not None))
+
+
 def _messages(item: str | dict[str, Any]) -> list[dict[str, str]]:
     if isinstance(item, str):
         return [{"role": "user", "content": item}]
@@ -135,20 +155,11 @@ class TransformersInferenceExecutor(Executor):
 
     @classmethod
     def deterministic(cls, body: TaskBody, options: Any) -> bool:
-        """Greedy decoding, or sampling from a fixed seed."""
-        return bool(options is not None and (options.temperature == 0 or options.seed is not None))
+        return deterministic_sampling(options)
 
     @classmethod
     def validate_spec(cls, body: TaskBody) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if body.model is None or not body.model.source.identifier.strip():
-            problems.append(("spec.model.source.identifier", "required: a hub id or a local path"))
-        items = body.data.items if body.data else []
-        if not items:
-            problems.append(("spec.data.items", "must be a non-empty list of prompts"))
-        for i, item in enumerate(items):
-            if problem := _item_problem(item):
-                problems.append((f"spec.data.items[{i}]", problem))
+        problems = model_and_prompt_problems(body)
         if body.model is not None and body.model.vllm:
             problems.append(
                 ("spec.model.vllm", "read only by the vLLM engine: set spec.model.engine: vllm")

@@ -24,6 +24,7 @@ import contextvars
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -339,6 +340,11 @@ def child_main(
     # A process group of its own, so a kill takes whatever it started with it (a launcher
     # such as torchrun and its workers) and no GPU is left held by an orphan.
     os.setpgrp()
+    # The worker starts this process as a daemon (it must not outlive the worker), and
+    # multiprocessing lets no daemon start processes of its own; an engine (vLLM's engine
+    # core) or a launcher (torchrun) must. What this process starts goes with it anyway:
+    # it kills its process group when the worker goes.
+    multiprocessing.current_process().daemon = False
     if cuda_visible is not None:
         # Before the executor (and torch) is imported: CUDA reads it once, at its start.
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
