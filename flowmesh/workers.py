@@ -78,6 +78,12 @@ class WorkerPresence:
         }
 
 
+# What a worker's inbox reader understands, in its record: 1 one attempt per entry; 2 also
+# merged deliveries (`merge_children`, task merge). The scheduler merges only onto 2.
+PROTOCOL = 2
+MERGE_PROTOCOL = 2
+
+
 @dataclass(frozen=True)
 class WorkerRecord:
     """A worker as registered: identity, capacity, and the last presence it wrote."""
@@ -94,6 +100,7 @@ class WorkerRecord:
     cost_per_hour: float = 1.0
     heartbeat_interval: float = 30.0
     started_at: float = 0.0
+    protocol: int = 1  # a record without one is from before task merge
     # Presence fields, as last written:
     status: str = ""
     last_seen: float = 0.0
@@ -131,6 +138,7 @@ class WorkerRecord:
             "cost_per_hour": self.cost_per_hour,
             "heartbeat_interval": self.heartbeat_interval,
             "started_at": f"{self.started_at:.6f}",
+            "protocol": self.protocol,
         }
 
     @classmethod
@@ -152,6 +160,7 @@ class WorkerRecord:
             cost_per_hour=float(raw.get("cost_per_hour") or 1.0),
             heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
             started_at=float(raw.get("started_at") or 0),
+            protocol=int(raw.get("protocol") or 1),
             status=raw.get("status", ""),
             last_seen=float(raw.get("last_seen") or 0),
             running=int(raw.get("running") or 0),

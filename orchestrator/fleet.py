@@ -185,8 +185,9 @@ class Fleet:
         # Lost before it started, a task cannot be what killed the worker: re-place it
         # uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss counts
         # toward maxAttempts (the rule's `charged`), as a system failure counts toward
-        # Ray's max_retries; unless it ran in a merged delivery, where the loss belongs to
-        # the delivery and no one child can be blamed for it.
+        # Ray's max_retries. In a merged delivery the loss is the delivery's, not one
+        # child's: a child's first attempt lost that way is not charged (from its second
+        # on it is, so a task that kills workers still ends dead-lettered).
         lost = rule(FailureKind.WORKER_LOST)
         endings = [
             Ending(
@@ -194,7 +195,9 @@ class Fleet:
                 int(attempt),
                 TaskStatus.FAILED,
                 error=error,
-                charge=lost.charged and status == TaskStatus.RUNNING.value and not group,
+                charge=lost.charged
+                and status == TaskStatus.RUNNING.value
+                and not (group and attempt == "1"),
                 immediate=lost.immediate,
             )
             for task_id, (attempt, status, group) in zip(ids, rows, strict=True)
@@ -220,6 +223,7 @@ class Fleet:
         active = self.scheduler.active
         for task_id in [t for t in active if t not in held]:
             del active[task_id]
+            self.scheduler.forget_identity(task_id)
         unknown = [t for t in held if t not in active or active[t][0] != held[t]]
         if unknown:
             for task_id, req in zip(unknown, await self.store.requirements(unknown), strict=True):
@@ -362,6 +366,7 @@ class Fleet:
                 requeued.append(fields["task_id"])
             elif kind == EventType.TASK_CANCELLED:
                 self.scheduler.discard_pending(fields["task_id"])
+                self.scheduler.forget_identity(fields["task_id"])
                 self._notify(fields["task_id"])
             elif kind in REFRESH_ON:
                 self.wake(refresh=True)

@@ -25,13 +25,14 @@ import heapq
 import itertools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flowmesh.spec import Requirements
 from flowmesh.status import ExecutorState, WorkerStatus
 from flowmesh.store import QueueEntry
-from flowmesh.workers import ExecutorStatus, WorkerRecord
+from flowmesh.workers import MERGE_PROTOCOL, ExecutorStatus, WorkerRecord
 
 TAKING_WORK = frozenset({WorkerStatus.IDLE.value, WorkerStatus.BUSY.value})
 # Children of one merged delivery, at most.
@@ -40,6 +41,8 @@ MERGE_MAX = 64
 ASSIGNED_TTL = 60.0
 # Backlog per warm slot beyond which a cold worker loads a model that is warm elsewhere.
 SPILL_ROUNDS = 2
+# Longest a task waits for a warm worker that stays full while a cold one could start it.
+WARM_WAIT_SEC = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class WorkerView:
     used_gpus: int = 0
     # Bumped on every change of load, so heap entries made before it can be told stale.
     version: int = 0
+    # Reads merged deliveries (`merge_children`); a worker of an older version does not.
+    takes_merged: bool = True
 
     @classmethod
     def from_record(cls, record: WorkerRecord, alive: bool) -> WorkerView:
@@ -96,6 +101,7 @@ class WorkerView:
             heartbeat_interval=record.heartbeat_interval,
             ready=record.ready_executors,
             executor_states=record.executor_states,
+            takes_merged=record.protocol >= MERGE_PROTOCOL,
         )
 
     def executor_ready(self, name: str) -> bool:
@@ -208,10 +214,12 @@ class Scheduler:
     # Queued tasks per identity, so that twins travel in one delivery and run once.
     _twins: dict[str, dict[str, None]] = field(default_factory=dict)
     # Placed tasks with an identity: where each identity runs, to send its twins there.
-    _identity_of: dict[str, str] = field(default_factory=dict)
+    _identity_of: dict[str, tuple[str, str]] = field(default_factory=dict)  # task: (id, worker)
     _identity_at: dict[str, Counter[str]] = field(default_factory=dict)
     # worker -> model -> when the scheduler last placed a task for it there (monotonic).
     _assigned: dict[str, dict[str, float]] = field(default_factory=dict)
+    # requirements -> since when its tasks wait for a full warm worker (monotonic).
+    _warm_wait: dict[Requirements, float] = field(default_factory=dict)
 
     # -- workers -----------------------------------------------------------------
     def set_workers(self, views: list[WorkerView], running: dict[str, int]) -> None:
@@ -263,6 +271,11 @@ class Scheduler:
         if not live:
             return f"all {len(eligible)} eligible worker(s) are stopped, draining or unreachable"
         ready = [w for w in live if w.executor_ready(req.executor)]
+        if ready and req in self._warm_wait:
+            return (
+                f"waiting for a worker with model {req.model!r} loaded to free a slot, rather "
+                "than load a second copy (SCHEDULER_WARM_ROUTING)"
+            )
         if not ready:
             return f"waiting for executor {req.executor!r} to be ready: " + "; ".join(
                 _executor_state(w, req.executor) for w in live[:5]
@@ -339,20 +352,26 @@ class Scheduler:
         if entry is not None and worker_id is not None and entry[0] != worker_id:
             return
         entry = self.active.pop(task_id, None)
-        identity = self._identity_of.pop(task_id, None)
-        if identity is not None and entry is not None:
-            at = self._identity_at.get(identity)
-            if at is not None:
-                at[entry[0]] -= 1
-                if at[entry[0]] <= 0:
-                    del at[entry[0]]
-                if not at:
-                    del self._identity_at[identity]
+        self.forget_identity(task_id)
         if entry is not None:
             view = self.workers.get(entry[0])
             if view is not None:
                 view.give_back(entry[1])
                 self._unpark(view)
+
+    def forget_identity(self, task_id: str) -> None:
+        """The task no longer runs anywhere: its twins are placed on their own merits."""
+        placed = self._identity_of.pop(task_id, None)
+        if placed is None:
+            return
+        identity, worker_id = placed
+        at = self._identity_at.get(identity)
+        if at is not None:
+            at[worker_id] -= 1
+            if at[worker_id] <= 0:
+                del at[worker_id]
+            if not at:
+                del self._identity_at[identity]
 
     def _unpark(self, view: WorkerView) -> None:
         for req in self._groups_of.get(view.worker_id, ()):
@@ -405,15 +424,25 @@ class Scheduler:
     def _wait_for_warm(self, req: Requirements, best: WorkerView) -> bool:
         """Whether a task should wait for a full worker that has its model warm rather
         than have `best`, which has not, load a second copy: yes while the backlog for the
-        model is within SPILL_ROUNDS rounds of the warm workers' slots."""
+        model is within SPILL_ROUNDS rounds of the warm workers' slots, for up to
+        WARM_WAIT_SEC (a warm worker kept full by other work must not hold it for ever)."""
         if not self.warm_routing or not req.model or best.warm(req.model):
+            self._warm_wait.pop(req, None)
             return False
         warm_slots = sum(
             w.slots
             for w in self.candidates(req)
             if w.taking_work and w.executor_ready(req.executor) and w.warm(req.model)
         )
-        return warm_slots > 0 and self._queued[req] <= SPILL_ROUNDS * warm_slots
+        if warm_slots == 0 or self._queued[req] > SPILL_ROUNDS * warm_slots:
+            self._warm_wait.pop(req, None)
+            return False
+        now = time.monotonic()
+        since = self._warm_wait.setdefault(req, now)
+        if now - since > WARM_WAIT_SEC:
+            del self._warm_wait[req]
+            return False
+        return True
 
     def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
         """choose() for a retry: a linear pass, since `avoid` differs task by task."""
@@ -459,7 +488,7 @@ class Scheduler:
             _, task_id = heapq.heappop(self.queues[req])
             entry = self._take(task_id, worker)
             out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, task_id))
-            if entry.merge_key:
+            if entry.merge_key and worker.takes_merged:
                 self._merge_into(out, entry, worker, limit, now)
             head = self._head(req)
             if head is not None:
@@ -474,7 +503,8 @@ class Scheduler:
         worker.take(req)
         self.active[task_id] = (worker.worker_id, req)
         if entry.identity:
-            self._identity_of[task_id] = entry.identity
+            self.forget_identity(task_id)
+            self._identity_of[task_id] = (entry.identity, worker.worker_id)
             self._identity_at.setdefault(entry.identity, Counter())[worker.worker_id] += 1
         if req.model:
             worker.assigned_models.add(req.model)
@@ -487,18 +517,14 @@ class Scheduler:
         """Add the queued tasks that share `lead`'s merge key to its delivery, while the
         worker has room: each task's identical twins right after it (they run once, so a
         delivery of 64 with 4 twins each is 16 runs), then the next in arrival order.
-        Retries that avoid this worker are left to their own turn."""
+        Retries that avoid this worker, and backoffs not yet over, wait for their own turn
+        (they stay indexed; a bounded look-ahead keeps a deep queue cheap)."""
         req = lead.requirements
-        key = (req, lead.merge_key)
         size = 1
-        identity = lead.identity
-        while size < MERGE_MAX and len(out) < limit and worker.fits_now(req):
-            twins = self._twins.get(identity) if identity else None
-            group = twins or self._mergeable.get(key)
-            if not group:
+        for task_id in self._merge_candidates(lead):
+            if size >= MERGE_MAX or len(out) >= limit or not worker.fits_now(req):
                 return
-            task_id = next(iter(group))
-            entry = self.pending.get(task_id)
+            entry = self.pending.get(task_id)  # None once placed (a twin met twice, say)
             if (
                 entry is None
                 or entry.requirements != req
@@ -506,17 +532,22 @@ class Scheduler:
                 or entry.not_before > now
                 or worker.worker_id in entry.avoid
             ):
-                group.pop(task_id)
-                if twins is not None and not twins:
-                    del self._twins[identity]
-                elif twins is None and not group:
-                    del self._mergeable[key]
                 continue
             self._take(task_id, worker)
             out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, lead.task_id))
             size += 1
-            if not twins:
-                identity = entry.identity
+
+    def _merge_candidates(self, lead: QueueEntry) -> Iterator[str]:
+        """Queued tasks that may join `lead`'s delivery, in the order they should."""
+        look = 4 * MERGE_MAX
+        if lead.identity:
+            yield from list(itertools.islice(self._twins.get(lead.identity, ()), look))
+        group = self._mergeable.get((lead.requirements, lead.merge_key), {})
+        for task_id in list(itertools.islice(group, look)):
+            entry = self.pending.get(task_id)
+            yield task_id
+            if entry is not None and entry.identity:
+                yield from list(itertools.islice(self._twins.get(entry.identity, ()), look))
 
     def undo(self, placement: Placement, *, requeue: bool) -> None:
         """A placement Redis refused: give the resources back, and requeue the task."""

@@ -237,6 +237,15 @@ class Attempts:
             await asyncio.to_thread(
                 self._finalise, task_dir, task_id, attempt, task_type, started_at, elapsed, error
             )
+        if (
+            error is not None
+            and error.get("kind") == FailureKind.CRASH
+            and delivery.group
+            and delivery.attempt == 1
+        ):
+            # The executor process died under a merged delivery: the delivery's loss, not
+            # this child's, the first time (see Fleet._reap for a lost worker).
+            error = {**error, "charge": False}
         uncharged = error is not None and not error.get("charge", True)
         pause = self.settings.failpoints.get("before_settle")
         if pause:

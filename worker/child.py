@@ -110,7 +110,9 @@ def shared_result(result: Any, owner: Request) -> Any:
 def with_queue_wait(result: Any, req: Request, started_at: float) -> Any:
     """A result that reports timings gets the task's queue wait too (submit to start)."""
     if isinstance(result, dict) and isinstance(result.get("timings"), dict) and req.created_at:
-        timings = {**result["timings"], "queue_wait_sec": round(started_at - req.created_at, 4)}
+        # A twin that joined a run already going waited for nothing: 0, not negative.
+        wait = max(0.0, started_at - req.created_at)
+        timings = {**result["timings"], "queue_wait_sec": round(wait, 4)}
         return {**result, "timings": timings}
     return result
 
@@ -489,7 +491,9 @@ def child_main(
                 if executions.get(ex.owner.identity) is ex:
                     del executions[ex.owner.identity]
                 return False
-            req = next(r for r in ex.attached if r.req_id == req_id)
+            req = next((r for r in ex.attached if r.req_id == req_id), None)
+            if req is None:  # answered already (a second cancel of a detached owner)
+                return True
             ex.attached = others
             if req is not ex.owner:  # the owner's run still finds its execution
                 execution_of.pop(req_id, None)
@@ -563,8 +567,6 @@ def child_main(
 
     def finish(done: Finished) -> Reply:
         task_logs.close_task(done.request.req_id)
-        with shared:
-            handed.discard(done.request.req_id)
         queued.pop(done.request.req_id, None)
         result_json, error = done.result_json, done.error
         wrote = False
@@ -577,6 +579,8 @@ def child_main(
             error = failure(FailureKind.WORKER_ERROR, f"writing outputs failed: {exc}")
             result_json = None
         cancels.pop(done.request.req_id, None)
+        with shared:  # last: until cancels forgets it, a late hand-over is refused here
+            handed.discard(done.request.req_id)
         return Reply(done.request.req_id, error is None, result_json, error, wrote)
 
     def finisher() -> None:

@@ -85,6 +85,7 @@ class Worker:
                 cost_per_hour=settings.cost_per_hour,
                 heartbeat_interval=settings.heartbeat_interval,
                 started_at=self.started_at,
+                protocol=workers.PROTOCOL,
             ),
             interval=settings.heartbeat_interval,
             ttl=settings.heartbeat_ttl,
@@ -315,7 +316,9 @@ class Worker:
                     if current is not None:
                         if current.delivery.stream_id != stream_id:
                             # An attempt of the same task is still ending here (stopped as
-                            # superseded, say): come back to this entry when it has.
+                            # superseded, say): come back to this entry when it has. Open
+                            # meanwhile, so the entry is not acked with its siblings.
+                            attempts.opened(delivery)
                             attempts.reread = True
                         continue  # else: our own running attempt, met again on a re-read
                     attempts.opened(delivery)

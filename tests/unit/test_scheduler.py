@@ -270,3 +270,45 @@ def test_identical_twins_travel_together_so_a_delivery_runs_fewer_times():
     placed, _ = s.plan(100, now=0.0)
     assert [p.task_id for p in placed] == ["t0", "t2", "t4", "t6"]
     assert {p.entry.identity for p in placed} == {"a"}
+
+
+def test_an_ended_task_leaves_no_identity_behind():
+    s = sched(worker("w1"), worker("w2"))
+    req = Requirements(executor="echo")
+    s.add_pending(QueueEntry("a", req, 1.0, merge_key="k", identity="i"), 0.0)
+    s.plan(10, now=0.0)
+    s.active.pop("a")  # the refresh saw it gone before its event came
+    s.forget_identity("a")
+    s.release("a")
+    assert not s._identity_at and not s._identity_of
+
+
+def test_a_warm_worker_kept_full_holds_its_model_for_a_while_only(monkeypatch):
+    import orchestrator.scheduler as scheduler
+
+    # w1 has the model but its GPU is taken by other work; w2 is idle and cold.
+    w1 = worker("w1", executors=("vllm",), gpus=(H100,), models=("m",))
+    s = sched(w1, worker("w2", executors=("vllm",), gpus=(H100,)))
+    s.add_pending(QueueEntry("other", Requirements(executor="vllm", gpu_count=1), 0.0), 0.0)
+    [first], _ = s.plan(10, now=0.0)
+    assert first.worker_id == "w1"
+    req = Requirements(executor="vllm", model="m", gpu_count=1)
+    add(s, "t", req, 1.0)
+    placed, blocked = s.plan(10, now=0.0)
+    assert placed == [] and blocked == [req]
+    assert "loaded to free a slot" in s.explain(req)
+    monkeypatch.setattr(scheduler, "WARM_WAIT_SEC", 0.0)
+    [p], _ = s.plan(10, now=0.0)
+    assert p.worker_id == "w2"
+
+
+def test_no_merged_delivery_for_a_worker_that_cannot_read_one():
+    old = worker("w1", slots=8)
+    old.takes_merged = False
+    s = sched(old)
+    for i in range(3):
+        s.add_pending(
+            QueueEntry(f"t{i}", Requirements(executor="echo"), float(i), merge_key="k"), 0
+        )
+    placed, _ = s.plan(10, now=0.0)
+    assert [p.parent for p in placed] == ["t0", "t1", "t2"]
