@@ -13,6 +13,7 @@ ratios compare FlowMesh with the best peer of the same run. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -28,7 +29,16 @@ from flowmesh.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("celery", "dramatiq", "rq", "arq", "taskiq", "saq")
-SECTIONS = ("throughput", "latency", "raw", "scheduler", "redis-memory", "idle", "presence")
+SECTIONS = (
+    "throughput",
+    "latency",
+    "raw",
+    "scheduler",
+    "redis-memory",
+    "idle",
+    "presence",
+    "inference",
+)
 
 
 def run_system(
@@ -210,6 +220,15 @@ def section_presence(url: str) -> None:
     print_presence(run_presence(url))
 
 
+def section_inference() -> None:
+    """bench/inference.py: with vLLM from the vLLM environment (.venv-vllm, made by .ci/run)
+    when this one has none; else with the engine installed here."""
+    vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
+    here = importlib.util.find_spec("vllm") is not None
+    python = sys.executable if here or not vllm_python.exists() else str(vllm_python)
+    subprocess.run([python, "-m", "bench.inference"], cwd=ROOT, check=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,6 +259,8 @@ def main() -> int:
             section_idle(server.url, args.idle_window)
         if "presence" in only:
             section_presence(server.url)
+        if "inference" in only:
+            section_inference()
     return 0
 
 
