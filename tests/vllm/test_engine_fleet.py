@@ -161,8 +161,11 @@ def test_32_tasks_at_once_are_batched_by_the_one_engine(fleet: Fleet, first_task
 
 
 def _long_spec(fleet: Fleet, **body) -> dict:
+    # Sixteen prompts of the longest generation the engine allows: tens of seconds here, so
+    # the task is still generating when the test has seen it in the engine (one such prompt
+    # alone ended in about the time the worker record takes to show it).
     tokens = MODEL_MAX_LEN - 64
-    return fleet.spec(["go on and on"], max_tokens=tokens, min_tokens=tokens, **body)
+    return fleet.spec(["go on and on"] * 16, max_tokens=tokens, min_tokens=tokens, **body)
 
 
 def _wait_running_on_engine(fleet: Fleet, task_id: str) -> None:
