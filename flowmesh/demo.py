@@ -155,7 +155,8 @@ def _example_specs(
             "building a tiny random-weight Llama for the inference example "
             "(its text is gibberish; pass --model for a real one)…"
         )
-        model = str(build_tiny_llama(scratch / "tiny-llama"))
+        # vLLM's CPU kernels take head sizes of 32, 64, ...: a model both engines run.
+        model = str(build_tiny_llama(scratch / "tiny-llama", head_dim=64 if VLLM else None))
     # Four single-prompt requests for one model with the same sampling options: task merge
     # sends them to one worker in one delivery, and the two identical ones (greedy
     # decoding) run once. First in the batch, so they are placed together.
@@ -167,7 +168,7 @@ def _example_specs(
             "metadata": {"name": f"inference-{i + 1}"},
             "spec": {
                 "taskType": "inference",
-                "model": {"source": {"identifier": model}},
+                "model": _model_spec(model),
                 "data": {"type": "list", "items": [prompt]},
                 "inference": {"max_tokens": 16, "temperature": 0},
             },
@@ -175,6 +176,18 @@ def _example_specs(
         for i, prompt in enumerate(prompts)
     ]
     return inference + specs
+
+
+# Whether this environment has vLLM: then the demo's workers offer it, and the inference
+# requests run on one vLLM engine that batches them.
+VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def _model_spec(model: str) -> dict[str, Any]:
+    if not VLLM:
+        return {"source": {"identifier": model}}  # engine auto: transformers here
+    # Eager: compiling the model's graphs would take minutes on a CPU.
+    return {"source": {"identifier": model}, "engine": "vllm", "vllm": {"enforce_eager": True}}
 
 
 def _merge_note(task: dict[str, Any], tasks: list[dict[str, Any]]) -> str:
@@ -227,6 +240,8 @@ def _run(args: argparse.Namespace, console: Console, stack: ExitStack, logs: Pat
         "RESULTS_DIR": str(results),
         "PYTHONUNBUFFERED": "1",
         "HEARTBEAT_INTERVAL_SEC": "2",
+        # A small KV cache for the tiny model when the workers run vLLM on the CPU.
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
     }
     env.pop("FLOWMESH_API_TOKEN", None)
     procs: list[subprocess.Popen[bytes]] = []
