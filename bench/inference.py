@@ -43,6 +43,7 @@ from typing import Any
 
 from bench.stats import percentile
 from flowmesh.client import Client
+from flowmesh.demo import stop_processes
 from flowmesh.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,18 +154,18 @@ class Fleet:
         self._until(self.client.healthy, 60, "orchestrator")
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], nice: int = 0) -> None:
-        log = (self.scratch / f"{name}.log").open("ab")
         prefix = ["nice", "-n", str(nice)] if nice else []
-        self.procs.append(
-            subprocess.Popen(
-                [*prefix, sys.executable, *args],
-                env={**self.env, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
+        with (self.scratch / f"{name}.log").open("ab") as log:  # the child keeps its own copy
+            self.procs.append(
+                subprocess.Popen(
+                    [*prefix, sys.executable, *args],
+                    env={**self.env, **env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
             )
-        )
 
     def worker(self, worker_id: str, executor: str, **env: str) -> None:
         # Niced, as the vLLM tests run it: a CPU engine keeps every core busy, and Redis and
@@ -235,14 +236,7 @@ class Fleet:
         return out
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs, grace=30.0)
 
 
 def output_tokens(tasks: list[dict[str, Any]]) -> int:

@@ -30,6 +30,7 @@ import redis
 
 from bench.stats import percentile
 from flowmesh.client import Client
+from flowmesh.demo import stop_processes
 from flowmesh.embedded import EmbeddedRedis, free_port
 from flowmesh.keys import Keys
 from flowmesh.status import TaskStatus
@@ -68,14 +69,7 @@ class Fleet:
         self.workers[worker_id] = self.spawn(worker_id, ["-m", "worker.main"], WORKER_ID=worker_id)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs, grace=20.0)
 
 
 # The soak's fleet uses no key prefix.

@@ -51,7 +51,7 @@ class DemoError(Exception):
 class _Signals:
     """While the demo runs, SIGTERM and SIGHUP stop it as Ctrl-C does (KeyboardInterrupt), so
     one cleanup stops every process it started. The first signal starts that cleanup; later
-    ones are ignored so they cannot cut it short (it is bounded: see `_stop`). A signal the
+    ones are ignored so they cannot cut it short (it is bounded: see `stop_processes`). A signal the
     demo was started ignoring (nohup, a background job) stays ignored."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -80,7 +80,7 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
     """SIGTERM; after `grace` s a second SIGTERM (a worker still draining then hands its
     tasks back at once); SIGKILL 5 s later."""
     for wait in (grace, 5.0):
@@ -245,7 +245,7 @@ def _run(args: argparse.Namespace, console: Console, stack: ExitStack, logs: Pat
     }
     env.pop("FLOWMESH_API_TOKEN", None)
     procs: list[subprocess.Popen[bytes]] = []
-    stack.callback(_stop, procs)
+    stack.callback(stop_processes, procs)
     procs.append(
         _spawn(["-m", "orchestrator.main", "--port", str(port)], env, logs / "orchestrator.log")
     )

@@ -171,6 +171,14 @@ def rule(kind: str) -> Rule:
         return RULES[FailureKind.EXCEPTION]
 
 
+def delivery_loss_charged(merged: bool, attempt: int) -> bool:
+    """Whether losing a whole delivery (its worker lost, its executor process crashed)
+    counts against a task of it. In a merged delivery the loss is the delivery's, not one
+    child's: not on a child's first attempt; from its second on it does, so a task that
+    kills workers still ends dead-lettered (docs/architecture.md, task merge)."""
+    return not (merged and attempt == 1)
+
+
 def failure(
     kind: FailureKind | str,
     message: str,

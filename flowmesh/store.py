@@ -524,7 +524,7 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "max_attempts": int(raw.get("max_attempts", 0)),
         "worker_id": raw.get("worker_id") or None,
         "reason": raw.get("reason") or None if status == TaskStatus.PENDING else None,
-        "result": _loads(raw.get("result")),
+        "result": (result := _loads(raw.get("result"))),
         "error": _loads(raw.get("error")),
         "created_at": num("created_at"),
         "dispatched_at": num("dispatched_at"),
@@ -533,20 +533,19 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "updated_at": num("updated_at"),
         "retry_at": num("retry_at") if status == TaskStatus.PENDING else None,
         "history": _loads(raw.get("history")) or [],
-        "merge": _merge_view(raw),
+        "merge": _merge_view(raw, result),
         "active": status in ACTIVE,
         "spec": _loads(raw.get("spec")),
     }
 
 
-def _merge_view(raw: dict[str, str]) -> dict[str, Any] | None:
+def _merge_view(raw: dict[str, str], result: Any) -> dict[str, Any] | None:
     """How task merge treats the task: None when merge is off for it; else whether its
     last delivery was merged and with which tasks, and, when an identical task ran for it,
     which one."""
     if not raw.get("merge_key"):
         return None
     group = _loads(raw.get("merge_group")) or []
-    result = _loads(raw.get("result"))
     executed_by = result.get("executed_by") if isinstance(result, dict) else None
     return {
         "enabled": True,

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from flowmesh import workers
 from flowmesh.events import EventType
-from flowmesh.failures import FailureKind, failure, rule
+from flowmesh.failures import FailureKind, delivery_loss_charged, failure, rule
 from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus
@@ -185,9 +185,7 @@ class Fleet:
         # Lost before it started, a task cannot be what killed the worker: re-place it
         # uncharged. Lost while RUNNING it may be (an OOM, a segfault), so the loss counts
         # toward maxAttempts (the rule's `charged`), as a system failure counts toward
-        # Ray's max_retries. In a merged delivery the loss is the delivery's, not one
-        # child's: a child's first attempt lost that way is not charged (from its second
-        # on it is, so a task that kills workers still ends dead-lettered).
+        # Ray's max_retries; in a merged delivery, see delivery_loss_charged.
         lost = rule(FailureKind.WORKER_LOST)
         endings = [
             Ending(
@@ -197,7 +195,7 @@ class Fleet:
                 error=error,
                 charge=lost.charged
                 and status == TaskStatus.RUNNING.value
-                and not (group and attempt == "1"),
+                and delivery_loss_charged(bool(group), int(attempt)),
                 immediate=lost.immediate,
             )
             for task_id, (attempt, status, group) in zip(ids, rows, strict=True)

@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from flowmesh.batch import GroupCommit
-from flowmesh.failures import FailureKind, failure, rule
+from flowmesh.failures import FailureKind, delivery_loss_charged, failure, rule
 from flowmesh.spec import GpuRequest
 from flowmesh.status import TaskStatus
 from flowmesh.store import Delivery, Ending, Outcome, TaskStore
@@ -240,11 +240,8 @@ class Attempts:
         if (
             error is not None
             and error.get("kind") == FailureKind.CRASH
-            and delivery.group
-            and delivery.attempt == 1
+            and not delivery_loss_charged(bool(delivery.group), delivery.attempt)
         ):
-            # The executor process died under a merged delivery: the delivery's loss, not
-            # this child's, the first time (see Fleet._reap for a lost worker).
             error = {**error, "charge": False}
         uncharged = error is not None and not error.get("charge", True)
         pause = self.settings.failpoints.get("before_settle")
