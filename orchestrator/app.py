@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +22,8 @@ from flowmesh.store import IdempotencyConflict
 from orchestrator.api import router
 from orchestrator.auth import AccessLog, BodyLimit, TokenAuth
 from orchestrator.fleet import Fleet
+from orchestrator.results import ResultsDir, retention_loop
+from orchestrator.results import router as results_router
 from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
@@ -63,16 +67,31 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
         fleet.scheduler.warm_routing = settings.warm_routing
         await fleet.start()
         app.state.fleet = fleet
+        retention = asyncio.create_task(
+            retention_loop(
+                conn,
+                fleet.keys,
+                settings.results_dir,
+                settings.results_retention_sec,
+                settings.results_retention_interval_sec,
+            ),
+            name="results-retention",
+        )
         log.info(
-            "orchestrator ready on http://%s:%d (Redis %s, auth %s)",
+            "orchestrator ready on http://%s:%d (Redis %s, auth %s, uploads %s to %s)",
             settings.host,
             settings.port,
             redact(settings.redis_url),
             "on" if settings.api_token else "off, loopback only",
+            "on" if settings.worker_token else "off (no FLOWMESH_WORKER_TOKEN)",
+            settings.results_dir,
         )
         try:
             yield
         finally:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
             await fleet.stop()
             await conn.aclose()
 
@@ -87,7 +106,9 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
+    app.state.results = ResultsDir(settings.results_dir)
     app.include_router(router)
+    app.include_router(results_router)
     app.openapi = _with_task_spec_schema(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", summary="Liveness and Redis reachability (no auth)")
@@ -118,6 +139,6 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
 
     # The last added runs first: the access log sees every reply, auth's and size's too.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(TokenAuth, token=settings.api_token)
+    app.add_middleware(TokenAuth, token=settings.api_token, worker_token=settings.worker_token)
     app.add_middleware(AccessLog)
     return app

@@ -38,13 +38,38 @@ async def _reply(send: Send, status: int, detail: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+# Where artifacts are uploaded and served (orchestrator/results.py). The workers' own token
+# (FLOWMESH_WORKER_TOKEN) is good here and nowhere else; an upload (any POST here) takes it
+# and nothing else, so a leaked worker token cannot submit or cancel tasks, and a user's
+# token cannot plant files in a task's results.
+RESULTS_PREFIX = "/api/v1/results/"
+WORKER_METHODS = frozenset({"GET", "HEAD", "POST"})
+
+
+def is_results_path(path: str) -> bool:
+    return path.startswith(RESULTS_PREFIX) and ".." not in path.split("/")
+
+
+def is_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and is_results_path(scope["path"])
+
+
+def _matches(given: bytes, expected: bytes | None) -> bool:
+    return bool(given) and expected is not None and hmac.compare_digest(given, expected)
+
+
 class TokenAuth:
-    def __init__(self, app: ASGIApp, token: str | None):
+    """Two bearer credentials: the users' API token (everything but uploads) and the
+    workers' token (the results routes only, uploads included). Without an API token the
+    API is open (loopback only), but uploads still need the worker token."""
+
+    def __init__(self, app: ASGIApp, token: str | None, worker_token: str | None = None):
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.worker = f"Bearer {worker_token}".encode() if worker_token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = b""
@@ -52,27 +77,79 @@ class TokenAuth:
             if name == b"authorization":
                 given = value
                 break
-        if not hmac.compare_digest(given, self.expected):
-            if not given:
-                detail = "missing Authorization header: send 'Authorization: Bearer <token>'"
-                scope[AUTH_REFUSED] = "no Authorization header"
-            else:
-                detail = "invalid API token"
-                scope[AUTH_REFUSED] = "wrong API token"
-            await _reply(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+        refusal = self._refusal(scope, given)
+        if refusal is None:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        status, detail, why = refusal
+        scope[AUTH_REFUSED] = why
+        headers = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+        if is_upload(scope):  # see orchestrator.results._closing: the body is not read
+            headers.append((b"connection", b"close"))
+        await _reply(send, status, detail, headers)
+
+    def _refusal(self, scope: Scope, given: bytes) -> tuple[int, str, str] | None:
+        """None to let the request through, else (status, detail, why for the access log)."""
+        worker = _matches(given, self.worker)
+        user = _matches(given, self.expected)
+        if is_upload(scope):
+            if self.worker is None:
+                return (
+                    403,
+                    "uploads are disabled: the orchestrator has no worker credential; set "
+                    "FLOWMESH_WORKER_TOKEN on the orchestrator and its workers",
+                    "upload with no FLOWMESH_WORKER_TOKEN configured",
+                )
+            if worker:
+                return None
+            if user:
+                return (
+                    403,
+                    "uploads take the worker credential (FLOWMESH_WORKER_TOKEN), not the API token",
+                    "upload with the API token",
+                )
+            if not given:
+                return (
+                    401,
+                    "missing Authorization header: uploads take "
+                    "'Authorization: Bearer <FLOWMESH_WORKER_TOKEN>'",
+                    "upload without an Authorization header",
+                )
+            return 401, "invalid worker token (FLOWMESH_WORKER_TOKEN)", "upload, wrong token"
+        if worker:
+            if is_results_path(scope["path"]) and scope["method"] in WORKER_METHODS:
+                return None
+            return (
+                403,
+                f"the worker credential (FLOWMESH_WORKER_TOKEN) is accepted only on "
+                f"{RESULTS_PREFIX} routes",
+                "worker token outside the results routes",
+            )
+        if self.expected is None or user:
+            return None
+        return self._unauthenticated(given)
+
+    @staticmethod
+    def _unauthenticated(given: bytes) -> tuple[int, str, str]:
+        if not given:
+            return (
+                401,
+                "missing Authorization header: send 'Authorization: Bearer <token>'",
+                "no Authorization header",
+            )
+        return 401, "invalid API token", "wrong API token"
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes, by Content-Length or while streaming."""
+    """Refuse bodies over `limit` bytes, by Content-Length or while streaming. Uploads are
+    exempt: their route streams them to disk under FLOWMESH_MAX_UPLOAD_BYTES instead."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_upload(scope):
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
@@ -109,7 +186,7 @@ class BodyTooLarge(Exception):
 # The API's own query parameters: their values are logged. Any other value is replaced by
 # ***: the API takes no secret in the query string, but a client may send one anyway, under
 # any name (`?bearer=`, `?jwt=`, a bare `?<token>`).
-LOGGED_PARAMS = frozenset({"status", "type", "limit", "cursor", "order", "wait"})
+LOGGED_PARAMS = frozenset({"status", "type", "limit", "cursor", "order", "wait", "name", "attempt"})
 MAX_TARGET = 500
 
 

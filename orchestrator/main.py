@@ -29,6 +29,11 @@ ENVIRONMENT = [
         "SCHEDULER_WARM_ROUTING",
         "prefer workers with the task's model loaded; false: by load only (default true)",
     ),
+    ("FLOWMESH_WORKER_TOKEN", "the workers' own credential, 16+ characters; needed for uploads"),
+    ("FLOWMESH_RESULTS_DIR", "where uploaded artifacts are kept (default ./results_orchestrator)"),
+    ("FLOWMESH_MAX_UPLOAD_BYTES", "largest artifact upload, e.g. 64Gi (default 64Gi)"),
+    ("FLOWMESH_RESULTS_RETENTION_SEC", "keep a finished task's uploads this long (default 7 days)"),
+    ("FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", "how often old uploads are swept (default 60)"),
 ]
 
 

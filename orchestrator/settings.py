@@ -1,11 +1,32 @@
-"""The orchestrator's settings, built once from the environment and the command line."""
+"""The orchestrator's settings, built once from the environment and the command line.
+
+Artifact uploads (orchestrator/results.py) read:
+- FLOWMESH_WORKER_TOKEN: the workers' own bearer token (16+ characters, not the API token),
+  accepted only on /api/v1/results/ routes; required for uploads (unset: uploads refused).
+- FLOWMESH_RESULTS_DIR: where uploaded files are kept, one folder per task
+  (default ./results_orchestrator, made absolute at start).
+- FLOWMESH_MAX_UPLOAD_BYTES: the largest upload, a number or a size such as 10Gi
+  (default 64Gi); FLOWMESH_MAX_BODY_BYTES does not apply to uploads.
+- FLOWMESH_RESULTS_RETENTION_SEC: how long a finished task's files are kept (default 604800,
+  7 days); files of a task no longer in Redis go at the next sweep.
+- FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC: how often the sweep runs (default 60).
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from flowmesh.config import Env, env_bool, env_float, env_int, env_log_level, env_str
+from flowmesh.config import (
+    Env,
+    env_bool,
+    env_bytes,
+    env_float,
+    env_int,
+    env_log_level,
+    env_str,
+)
 from flowmesh.errors import ConfigError
 
 
@@ -32,6 +53,11 @@ class OrchestratorSettings:
     lease_intervals: float
     idempotency_ttl: int
     warm_routing: bool = True
+    worker_token: str | None = None
+    results_dir: Path = field(default_factory=lambda: Path("results_orchestrator").resolve())
+    max_upload_bytes: int = 64 * 2**30
+    results_retention_sec: float = 7 * 86_400.0
+    results_retention_interval_sec: float = 60.0
 
     @classmethod
     def from_env(cls, env: Env, *, host: str, port: int) -> OrchestratorSettings:
@@ -44,6 +70,17 @@ class OrchestratorSettings:
             )
         if token is not None and len(token) < 16:
             raise ConfigError("FLOWMESH_API_TOKEN must be at least 16 characters long")
+        worker_token = env_str(env, "FLOWMESH_WORKER_TOKEN") or None
+        if worker_token is not None and len(worker_token) < 16:
+            raise ConfigError("FLOWMESH_WORKER_TOKEN must be at least 16 characters long")
+        if worker_token is not None and worker_token == token:
+            raise ConfigError(
+                "FLOWMESH_WORKER_TOKEN must differ from FLOWMESH_API_TOKEN: workers hold a "
+                "credential of their own, good for uploads and nothing else"
+            )
+        max_upload = env_bytes(env, "FLOWMESH_MAX_UPLOAD_BYTES")
+        if max_upload is not None and max_upload < 1:
+            raise ConfigError("FLOWMESH_MAX_UPLOAD_BYTES must be at least 1 byte")
         return cls(
             redis_url=env_str(env, "REDIS_URL"),
             host=host,
@@ -57,4 +94,15 @@ class OrchestratorSettings:
             lease_intervals=env_float(env, "WORKER_LEASE_INTERVALS", 2.0, minimum=1.0),
             idempotency_ttl=env_int(env, "FLOWMESH_IDEMPOTENCY_TTL_SEC", 86_400, minimum=1),
             warm_routing=env_bool(env, "SCHEDULER_WARM_ROUTING", True),
+            worker_token=worker_token,
+            results_dir=Path(env_str(env, "FLOWMESH_RESULTS_DIR", "./results_orchestrator"))
+            .expanduser()
+            .resolve(),
+            max_upload_bytes=64 * 2**30 if max_upload is None else max_upload,
+            results_retention_sec=env_float(
+                env, "FLOWMESH_RESULTS_RETENTION_SEC", 7 * 86_400.0, minimum=0
+            ),
+            results_retention_interval_sec=env_float(
+                env, "FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", 60.0, minimum=0.05
+            ),
         )
