@@ -38,6 +38,8 @@ SECTIONS = (
     "idle",
     "presence",
     "inference",
+    "artifacts",
+    "training",
 )
 
 
@@ -229,6 +231,20 @@ def section_inference() -> None:
     subprocess.run([python, "-m", "bench.inference"], cwd=ROOT, check=False)
 
 
+def section_artifacts(args: argparse.Namespace) -> None:
+    """bench/artifacts.py (archive and extract: gzip, pigz, Python, zstd, tar) and
+    bench/upload.py (HTTP upload to the orchestrator, unthrottled and throttled)."""
+    from bench import artifacts, upload
+
+    artifacts.main(["--size-mb", str(args.archive_mb)])
+    upload.main([])
+
+
+def section_training() -> None:
+    """bench/training.py: a LoRA SFT through the fleet vs the same TRL script run directly."""
+    subprocess.run([sys.executable, "-m", "bench.training"], cwd=ROOT, check=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,6 +255,7 @@ def main() -> int:
     p.add_argument("--peers", default=",".join(PEERS))
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
     p.add_argument("--idle-window", type=float, default=60.0)
+    p.add_argument("--archive-mb", type=int, default=1024, help="weights archived (artifacts)")
     args = p.parse_args()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     peers = [s.strip() for s in args.peers.split(",") if s.strip()]
@@ -261,6 +278,10 @@ def main() -> int:
             section_presence(server.url)
         if "inference" in only:
             section_inference()
+        if "artifacts" in only:
+            section_artifacts(args)
+        if "training" in only:
+            section_training()
     return 0
 
 

@@ -36,6 +36,7 @@ import importlib.util
 import logging
 import threading
 from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -92,6 +93,36 @@ class ExecutorConfig:
     max_warm_models: int = 2
 
 
+class Checkpoints:
+    """A task's training checkpoints across attempts (`TaskContext.checkpoints`).
+
+    The worker gives an executor one that finds the newest checkpoint an earlier attempt
+    left (on this worker's disk, or uploaded to the orchestrator when the task's output
+    goes there over HTTP) and uploads each new one in the background. This default keeps
+    nothing: every attempt starts from step 0.
+    """
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint directory an earlier attempt left, made local
+        (downloaded and extracted when it was uploaded); None when there is none."""
+        return None
+
+    def saved(self, path: Path) -> None:
+        """A checkpoint directory was just written completely: keep it for a later attempt
+        (archive and upload it in the background when the destination is HTTP)."""
+
+    def flush(self) -> None:
+        """Wait for the uploads `saved` started; raises when one of them failed for good."""
+
+
+def _local_source(source: str, sha256: str | None = None) -> Path:
+    return Path(source)
+
+
+def _no_report(fields: dict[str, Any]) -> None:
+    return None
+
+
 @dataclass
 class TaskContext:
     """What an executor gets for one attempt of one task.
@@ -112,6 +143,22 @@ class TaskContext:
     log: logging.Logger | logging.LoggerAdapter[logging.Logger] = field(
         default_factory=lambda: logging.getLogger("executors")
     )
+    # Live progress for the task's status (step, total, loss, ...): `progress(**fields)`.
+    report: Callable[[dict[str, Any]], None] = _no_report
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    # A model, adapter or data source as a local path: a directory or file as given, or an
+    # archive (path or URL from an allowed host) downloaded, checked and extracted safely
+    # into the worker's cache. `resolve(source, sha256=None) -> Path`.
+    resolve: Callable[..., Path] = _local_source
+
+    def progress(self, **fields: Any) -> None:
+        """Report progress (JSON values); the worker shows the latest in the task's status."""
+        self.report(fields)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where this attempt writes checkpoints (kept beside, not in, its artifacts)."""
+        return self.work_dir / "checkpoints"
 
     @property
     def body(self) -> TaskBody:
@@ -145,6 +192,9 @@ class Executor(ABC):
     # Whether it reads `spec.model`; one that does not refuses a spec that sets it (the
     # scheduler would also prefer workers with that model warm, for nothing).
     takes_model: ClassVar[bool] = True
+    # Whether it reads `spec.checkpoint.load` (weights to start from); one that does not
+    # refuses a spec that sets it.
+    takes_checkpoint: ClassVar[bool] = False
 
     @classmethod
     def options_section(cls) -> str:
@@ -191,6 +241,8 @@ class Executor(ABC):
                 problems.append((f"{where}.{key}", f"Extra inputs are not permitted: {hint}"))
         if body.model is not None and not cls.takes_model:
             problems.append((f"{where}.model", f"executor {cls.name!r} takes no model"))
+        if body.checkpoint is not None and not cls.takes_checkpoint:
+            problems.append((f"{where}.checkpoint", f"executor {cls.name!r} loads no checkpoint"))
         if section is None or cls.options is None:
             return None, problems
         raw = extra.get(section)

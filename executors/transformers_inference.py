@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from executors.base import Executor, ExecutorConfig, PermanentError, RetryableError, TaskContext
+from executors.base import (
+    Executor,
+    ExecutorConfig,
+    ExecutorError,
+    MissingExtra,
+    PermanentError,
+    RetryableError,
+    TaskContext,
+)
 from flowmesh.spec import Float, Int, ModelSpec, TaskBody
 
 if TYPE_CHECKING:
@@ -131,6 +139,26 @@ def _messages(item: str | dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": item["prompt"]}]
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst", ".tar")
+
+
+def local_source(task: TaskContext, identifier: str) -> str:
+    """A model or adapter source as something `from_pretrained` reads: an http(s) URL or a
+    path of an archive (an earlier task's `final_model_archive_url`, say) is downloaded,
+    checked and extracted by the worker's cache; a directory or hub id stays as it is."""
+    if not (
+        identifier.startswith(("http://", "https://")) or identifier.endswith(ARCHIVE_SUFFIXES)
+    ):
+        return identifier
+    try:
+        return str(task.resolve(identifier))
+    except ExecutorError:
+        raise
+    except Exception as exc:  # FetchError: not allowed, not there, not safe, or the network
+        error = RetryableError if getattr(exc, "retryable", False) else PermanentError
+        raise error(f"cannot get {identifier!r}: {exc}") from exc
+
+
 class TransformersInferenceExecutor(Executor):
     name = "inference"
     requires = ("torch", "transformers")
@@ -145,7 +173,10 @@ class TransformersInferenceExecutor(Executor):
 
     def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
-        self._models: OrderedDict[tuple[str, str | None, str, str], _Loaded] = OrderedDict()
+        # (model, revision, dtype, device, adapter) -> the loaded model
+        self._models: OrderedDict[tuple[str, str | None, str, str, str | None], _Loaded] = (
+            OrderedDict()
+        )
         # Read by health() on the heartbeat thread while run() may hold the lock for minutes.
         self._warm_ids: tuple[str, ...] = ()
         self._loading_id: str | None = None
@@ -163,14 +194,6 @@ class TransformersInferenceExecutor(Executor):
         if body.model is not None and body.model.vllm:
             problems.append(
                 ("spec.model.vllm", "read only by the vLLM engine: set spec.model.engine: vllm")
-            )
-        if body.model is not None and body.model.lora is not None:
-            problems.append(
-                (
-                    "spec.model.lora",
-                    "LoRA adapters are served by the vLLM engine for now: set "
-                    "spec.model.engine: vllm",
-                )
             )
         return problems
 
@@ -192,7 +215,9 @@ class TransformersInferenceExecutor(Executor):
             return {"model": identifier, "responses": [], "cancelled": True}
         try:
             started = time.monotonic()
-            loaded, load_sec = self._get(body.model, self._device(task))
+            source = local_source(task, body.model.source.identifier)
+            lora = local_source(task, body.model.lora.identifier) if body.model.lora else None
+            loaded, load_sec = self._get(body.model, self._device(task), source, lora)
             prompts = [
                 self._render(loaded, it, opts.system_prompt, i) for i, it in enumerate(items)
             ]
@@ -252,8 +277,10 @@ class TransformersInferenceExecutor(Executor):
 
         return "cuda:0" if torch.cuda.is_available() else "cpu"
 
-    def _get(self, spec: ModelSpec, device: str) -> tuple[_Loaded, float]:
-        key = (spec.source.identifier, spec.source.revision, spec.dtype, device)
+    def _get(
+        self, spec: ModelSpec, device: str, source: str, lora: str | None
+    ) -> tuple[_Loaded, float]:
+        key = (spec.source.identifier, spec.source.revision, spec.dtype, device, lora)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key], 0.0
@@ -263,7 +290,7 @@ class TransformersInferenceExecutor(Executor):
         started = time.monotonic()
         self._loading_id = spec.source.identifier
         try:
-            self._models[key] = self._load(spec, device)
+            self._models[key] = self._load(spec, device, source, lora)
         finally:
             self._loading_id = None
         self._warm_ids = tuple(k[0] for k in self._models)
@@ -280,13 +307,13 @@ class TransformersInferenceExecutor(Executor):
         if on_cuda:
             torch.cuda.empty_cache()
 
-    def _load(self, spec: ModelSpec, device: str) -> _Loaded:
+    def _load(self, spec: ModelSpec, device: str, source: str, lora: str | None) -> _Loaded:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        identifier = source = spec.source.identifier
-        if identifier.startswith(("/", "./", "../", "~")) or Path(identifier).exists():
-            path = Path(identifier).expanduser()
+        identifier = spec.source.identifier
+        if source.startswith(("/", "./", "../", "~")) or Path(source).exists():
+            path = Path(source).expanduser()
             if not path.is_dir():
                 raise PermanentError(f"model {identifier!r} not found: no such local directory")
             source = str(path)
@@ -321,6 +348,8 @@ class TransformersInferenceExecutor(Executor):
             raise RetryableError(f"cannot load model {identifier!r}: {exc}") from exc
         except ValueError as exc:  # an unknown architecture or a broken config
             raise PermanentError(f"cannot load model {identifier!r}: {exc}") from exc
+        if lora is not None:
+            model = self._with_adapter(model, lora, identifier)
         model.eval()
         # Left padding keeps every prompt's last token next to its first generated one.
         tokenizer.padding_side = "left"
@@ -333,6 +362,24 @@ class TransformersInferenceExecutor(Executor):
         stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         templated = bool(getattr(tokenizer, "chat_template", None))
         return _Loaded(model, tokenizer, device, dtype, stop_ids, templated)
+
+    @staticmethod
+    def _with_adapter(model: Any, lora: str, identifier: str) -> Any:
+        """The model with a LoRA adapter applied and merged in (one warm copy per adapter)."""
+        try:
+            from peft import PeftModel
+        except ImportError as exc:
+            raise MissingExtra("inference", ["peft"], "inference") from exc
+        if not Path(lora, "adapter_config.json").is_file():
+            raise PermanentError(
+                f"spec.model.lora: {lora!r} is not a LoRA adapter (no adapter_config.json)"
+            )
+        try:
+            return PeftModel.from_pretrained(model, lora).merge_and_unload()
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise PermanentError(
+                f"cannot apply LoRA adapter {lora!r} to model {identifier!r}: {exc}"
+            ) from exc
 
     # -- generation -------------------------------------------------------------------
 

@@ -11,16 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import re
-import shutil
-import tarfile
 import threading
 import time
-import uuid
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +37,7 @@ from executors.transformers_inference import (
     _chain,
     _messages,
     deterministic_sampling,
+    local_source,
     model_and_prompt_problems,
 )
 from flowmesh.failures import FailureKind
@@ -308,13 +304,11 @@ class VllmInferenceExecutor(Executor):
     shares_devices = True
     merges = True
 
-    def __init__(self, max_warm_models: int = 2, adapter_cache: Path | None = None) -> None:
+    def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
-        self.adapter_cache = adapter_cache or Path.home() / ".cache" / "flowmesh" / "lora"
         self._engines: OrderedDict[tuple[Any, ...], _Engine] = OrderedDict()
         self._health: dict[str, Any] = {"loaded_models": [], "loading_models": [], "engine": {}}
         self._released = asyncio.Event()  # an engine was let go of, or went away
-        self._downloads: dict[str, asyncio.Lock] = {}
         self._lora_ids: dict[str, int] = {}
         self._gpus_assigned = False
         self._visible: list[str] | None = None
@@ -356,8 +350,8 @@ class VllmInferenceExecutor(Executor):
         opts: VllmInferenceOptions = task.options or VllmInferenceOptions()
         spec = body.model
         engine_opts = VllmEngineOptions.model_validate(spec.vllm)
-        source = _model_source(spec.source.identifier)
-        adapter = await self._adapter(spec.lora) if spec.lora is not None else None
+        source = _model_source(await asyncio.to_thread(local_source, task, spec.source.identifier))
+        adapter = await self._adapter(task, spec.lora) if spec.lora is not None else None
         rank = lora_rank_for(adapter[1], engine_opts) if adapter else 0
         args = engine_args(spec, source, engine_opts, task.devices, rank)
         engine, load_sec = await self._acquire(spec, engine_opts, task.devices, rank, args)
@@ -760,18 +754,19 @@ class VllmInferenceExecutor(Executor):
 
     # -- adapters ---------------------------------------------------------------------
 
-    async def _adapter(self, lora: LoraSource) -> tuple[Path, int]:
-        """The adapter's local directory (downloaded when given as a URL) and its rank."""
-        if lora.identifier.startswith(("http://", "https://")):
-            path = await self._download(lora.identifier)
-        else:
-            path = Path(lora.identifier).expanduser()
-            if not path.is_dir():
-                raise PermanentError(
-                    f"spec.model.lora: adapter {lora.identifier!r} not found: no such directory"
-                )
+    async def _adapter(self, task: TaskContext, lora: LoraSource) -> tuple[Path, int]:
+        """The adapter's local directory (a URL or archive is downloaded, checked and
+        extracted once by the worker's cache: allowed hosts only) and its rank."""
+        path = Path(await asyncio.to_thread(local_source, task, lora.identifier)).expanduser()
+        if not path.is_dir():
+            raise PermanentError(
+                f"spec.model.lora: adapter {lora.identifier!r} not found: no such directory"
+            )
+        root = _adapter_root(path)
+        if root is None:
+            raise PermanentError(f"spec.model.lora: no adapter_config.json in {lora.identifier}")
         try:
-            config = json.loads((path / "adapter_config.json").read_text())
+            config = json.loads((root / "adapter_config.json").read_text())
             ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
             rank = max(int(r) for r in ranks)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -779,33 +774,15 @@ class VllmInferenceExecutor(Executor):
                 f"spec.model.lora: {lora.identifier!r} is not a PEFT LoRA adapter "
                 f"(adapter_config.json with its rank `r`): {exc}"
             ) from exc
-        return path, rank
-
-    async def _download(self, url: str) -> Path:
-        """A `.tar.gz` adapter archive, fetched once per URL into the adapter cache."""
-        digest = hashlib.sha256(url.encode()).hexdigest()
-        final = self.adapter_cache / digest
-        async with self._downloads.setdefault(digest, asyncio.Lock()):
-            if not final.is_dir():
-                self.adapter_cache.mkdir(parents=True, exist_ok=True)
-                archive = self.adapter_cache / f"{digest}.{uuid.uuid4().hex}.tar.gz"
-                try:
-                    await _fetch(url, archive)
-                    await asyncio.to_thread(_extract, archive, final)
-                finally:
-                    archive.unlink(missing_ok=True)
-        root = _adapter_root(final)
-        if root is None:
-            raise PermanentError(f"spec.model.lora: no adapter_config.json in {url}")
-        return root
+        return root, rank
 
 
 def _lora_problem(lora: LoraSource) -> str | None:
     identifier = lora.identifier
     if identifier.startswith(("http://", "https://")):
         path = identifier.split("?", 1)[0].split("#", 1)[0]
-        if not path.endswith((".tar.gz", ".tgz")):
-            return "an http(s) URL must name a .tar.gz archive of the adapter directory"
+        if not path.endswith((".tar.gz", ".tgz", ".tar.zst", ".tar")):
+            return "an http(s) URL must name a .tar.gz (or .tar.zst, .tar) archive of the adapter"
         return None
     if "://" in identifier:
         return "a local adapter directory, or an http(s) URL of a .tar.gz archive"
@@ -820,51 +797,6 @@ def _model_source(identifier: str) -> str:
             raise PermanentError(f"model {identifier!r} not found: no such local directory")
         return str(path.resolve())
     return identifier
-
-
-async def _fetch(url: str, dest: Path) -> None:
-    import httpx
-
-    try:
-        async with (
-            httpx.AsyncClient(follow_redirects=True, timeout=httpx.Timeout(30.0)) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code in (401, 403, 404, 410):
-                raise PermanentError(f"spec.model.lora: {url} answered {response.status_code}")
-            response.raise_for_status()
-            if int(response.headers.get("content-length") or 0) > MAX_ADAPTER_BYTES:
-                raise PermanentError(f"spec.model.lora: {url} is over {MAX_ADAPTER_BYTES} bytes")
-            size = 0
-            with dest.open("wb") as fh:
-                async for chunk in response.aiter_bytes(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_ADAPTER_BYTES:
-                        raise PermanentError(
-                            f"spec.model.lora: {url} is over {MAX_ADAPTER_BYTES} bytes"
-                        )
-                    fh.write(chunk)
-    except httpx.HTTPError as exc:
-        raise RetryableError(f"spec.model.lora: cannot download {url}: {exc}") from exc
-
-
-def _extract(archive: Path, final: Path) -> None:
-    staging = final.with_name(f"{final.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            # "data": no links out, no absolute paths, no devices, no setuid bits.
-            tar.extractall(staging, filter="data")
-        if _adapter_root(staging) is None:
-            raise PermanentError("spec.model.lora: the archive holds no adapter_config.json")
-        try:
-            staging.rename(final)
-        except OSError:  # another process put it there first
-            if not final.is_dir():
-                raise
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise PermanentError(f"spec.model.lora: not a .tar.gz archive: {exc}") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _adapter_root(directory: Path) -> Path | None:

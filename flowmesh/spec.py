@@ -192,38 +192,62 @@ class ModelSpec(StrictModel):
     lora: LoraSource | None = None
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
 class DataSpec(StrictModel):
-    type: Literal["list"] = "list"
+    """A task's data: `items` inline (`type: list`), a local JSONL or Parquet file, a local
+    dataset directory (`datasets.save_to_disk`, or files `load_dataset` reads), or a URL of
+    such a file or of a .tar.gz archive (from the orchestrator or an allowed host)."""
+
+    type: Literal["list", "jsonl", "parquet", "dataset", "url"] = "list"
     items: list[Any] = Field(default_factory=list, max_length=100_000)
+    path: str | None = Field(None, min_length=1, max_length=4096)
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    sha256: str | None = Field(None, pattern=SHA256, description="Checked after download")
 
+    _url = field_validator("url")(_http_url)
 
-_OUTPUTS_STAY = "a task's outputs stay on its worker under RESULTS_DIR/<task_id>/"
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        wants = {"list": "items", "url": "url"}.get(self.type, "path")
+        given = [n for n in ("items", "path", "url") if getattr(self, n)]
+        if self.type != "list" and wants not in given:
+            raise ValueError(f"data.type {self.type!r} needs data.{wants}")
+        extra = [n for n in given if n != wants]
+        if extra:
+            raise ValueError(
+                f"data.type {self.type!r} reads data.{wants} only; remove data.{extra[0]}"
+            )
+        if self.sha256 is not None and self.type != "url":
+            raise ValueError("data.sha256 checks a download: it needs data.type 'url'")
+        return self
 
 
 class OutputDestination(StrictModel):
-    """Where a task's outputs go. Only `local` (the worker's RESULTS_DIR) works today:
-    the other fields are refused, not ignored, until artifact upload over HTTP (which
-    comes with the training executor) reads them."""
+    """Where a task's archives go. `local`: they stay on the worker under
+    RESULTS_DIR/<task_id>/artifacts/ (on a shared mount, the result's absolute paths are
+    readable everywhere). `http`: the worker also uploads them to the orchestrator at
+    ORCHESTRATOR_BASE_URL, and the result carries their download URLs."""
 
     type: Literal["local", "http"] = "local"
     path: str | None = None
     url: str | None = None
-
-    @field_validator("type")
-    @classmethod
-    def _local_only(cls, value: str) -> str:
-        if value != "local":
-            raise _not_yet(
-                f"artifact upload over HTTP comes with the training executor; {_OUTPUTS_STAY}"
-            )
-        return value
 
     @field_validator("path", "url")
     @classmethod
     def _no_target(cls, value: str | None) -> str | None:
         if value is not None:
             raise _not_yet(
-                f"nothing reads it ({_OUTPUTS_STAY}); it comes with artifact upload over HTTP"
+                "an upload goes to the orchestrator the worker is configured with "
+                "(ORCHESTRATOR_BASE_URL), never to a URL or path a spec names; "
+                "use type: http or type: local"
             )
         return value
 
@@ -231,7 +255,7 @@ class OutputDestination(StrictModel):
 class OutputSpec(StrictModel):
     destination: OutputDestination = Field(default_factory=OutputDestination)
     artifacts: list[str] = Field(
-        default_factory=list, description="Reserved for artifact upload; must be empty now"
+        default_factory=list, description="Reserved for choosing artifacts; must be empty now"
     )
 
     @field_validator("artifacts")
@@ -239,10 +263,22 @@ class OutputSpec(StrictModel):
     def _no_selection(cls, value: list[str]) -> list[str]:
         if value:
             raise _not_yet(
-                "nothing reads it: every file an executor writes under its artifacts "
-                f"directory is kept ({_OUTPUTS_STAY}); choosing artifacts comes with upload"
+                "every file an executor writes under its artifacts directory is kept, and "
+                "final_model/ and final_lora/ are archived"
             )
         return value
+
+
+class CheckpointLoad(StrictModel):
+    """Weights to start from: a model or LoRA directory, or a .tar.gz archive of one (a
+    path, or a URL such as an earlier task's `final_lora_archive_url`)."""
+
+    identifier: str = Field(min_length=1, max_length=2048)
+    sha256: str | None = Field(None, pattern=SHA256, description="Checked after download")
+
+
+class CheckpointSpec(StrictModel):
+    load: CheckpointLoad
 
 
 class TaskBody(BaseModel):
@@ -259,6 +295,7 @@ class TaskBody(BaseModel):
     model: ModelSpec | None = None
     data: DataSpec | None = None
     output: OutputSpec | None = None
+    checkpoint: CheckpointSpec | None = None
     priority: Int = Field(0, ge=-1000, le=1000)
     timeoutSec: Float | None = Field(None, gt=0, le=7 * 86_400)
     maxAttempts: Int = Field(3, ge=1, le=100, description="Real failures allowed before FAILED")

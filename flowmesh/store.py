@@ -168,6 +168,7 @@ class TaskStore:
         self._submit = conn.register_script(_script("submit"))
         self._dispatch = conn.register_script(_script("dispatch"))
         self._start = conn.register_script(_script("start"))
+        self._progress = conn.register_script(_script("progress"))
         self._settle = conn.register_script(_script("settle"))
         self._cancel = conn.register_script(_script("cancel"))
         self._requeue_dead = conn.register_script(_script("requeue_dead"))
@@ -406,6 +407,17 @@ class TaskStore:
         )
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
 
+    async def progress(
+        self, worker_id: str, task_id: str, attempt: int, progress: dict[str, Any]
+    ) -> bool:
+        """Keep a running attempt's latest progress on its task; False when the attempt is
+        no longer the task's live one (nothing written)."""
+        reply = await self._progress(
+            keys=[self.keys.task(task_id)],
+            args=[worker_id, str(attempt), json.dumps(progress), f"{time.time():.6f}"],
+        )
+        return bool(reply)
+
     async def settle_many(
         self, worker_id: str, endings: list[Ending], inbox: str = ""
     ) -> list[Outcome]:
@@ -533,6 +545,8 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "updated_at": num("updated_at"),
         "retry_at": num("retry_at") if status == TaskStatus.PENDING else None,
         "history": _loads(raw.get("history")) or [],
+        "progress": _loads(raw.get("progress")),
+        "progress_at": num("progress_at"),
         "merge": _merge_view(raw, result),
         "active": status in ACTIVE,
         "spec": _loads(raw.get("spec")),

@@ -101,6 +101,8 @@ class WorkerRecord:
     heartbeat_interval: float = 30.0
     started_at: float = 0.0
     protocol: int = 1  # a record without one is from before task merge
+    # Artifact settings (upload target host, bandwidth throttle, archive format); no secrets.
+    artifacts: dict[str, Any] = field(default_factory=dict)
     # Presence fields, as last written:
     status: str = ""
     last_seen: float = 0.0
@@ -139,6 +141,7 @@ class WorkerRecord:
             "heartbeat_interval": self.heartbeat_interval,
             "started_at": f"{self.started_at:.6f}",
             "protocol": self.protocol,
+            "artifacts": json.dumps(self.artifacts),
         }
 
     @classmethod
@@ -161,6 +164,7 @@ class WorkerRecord:
             heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
             started_at=float(raw.get("started_at") or 0),
             protocol=int(raw.get("protocol") or 1),
+            artifacts=j("artifacts", {}),
             status=raw.get("status", ""),
             last_seen=float(raw.get("last_seen") or 0),
             running=int(raw.get("running") or 0),

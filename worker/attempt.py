@@ -34,6 +34,9 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# How often a running task's progress is written to Redis at most (the latest wins).
+PROGRESS_SEC = 1.0
+
 HANDED_BACK = failure(FailureKind.HANDED_BACK, "worker stopping: handed back", charge=False)
 
 
@@ -45,6 +48,9 @@ class Attempt:
     # The call into the executor host, once made: cancelled by a stop that comes while
     # the task still waits for its executor (starting) or for its own process.
     call: asyncio.Task[Any] | None = None
+    # The executor's latest progress not yet written to Redis, and whether a writer runs.
+    progress: dict[str, Any] | None = None
+    progress_writer: bool = False
 
     @property
     def req_id(self) -> str:
@@ -134,6 +140,46 @@ class Attempts:
             await asyncio.sleep(0.05)
         if r.req_id in proc.in_flight:
             proc.kill({r.req_id: r.stop_info or {}})
+
+    # -- progress ----------------------------------------------------------------------
+    def progress(self, req_id: str, fields: dict[str, Any]) -> None:
+        """An executor reported progress: the latest is written to the task, at most every
+        PROGRESS_SEC, fenced by attempt (a superseded attempt's is refused by Redis)."""
+        task_id = req_id.rpartition(":")[0]
+        r = self.running.get(task_id)
+        if r is None or r.req_id != req_id:
+            return
+        r.progress = {**fields, "attempt": r.delivery.attempt}
+        if not r.progress_writer:
+            r.progress_writer = True
+            self.spawn(self._write_progress(r))
+
+    async def _write_progress(self, r: Attempt) -> None:
+        try:
+            while r.progress is not None and self.running.get(r.delivery.task_id) is r:
+                fields, r.progress = r.progress, None
+                try:
+                    await self.store.progress(
+                        self.worker_id, r.delivery.task_id, r.delivery.attempt, fields
+                    )
+                except RedisError as exc:  # progress is advisory: the next one may land
+                    log.debug("task %s: progress not written: %s", r.delivery.task_id, exc)
+                await asyncio.sleep(PROGRESS_SEC)
+        finally:
+            r.progress_writer = False
+
+    async def _last_progress(self, r: Attempt) -> None:
+        """The report the writer had not yet written (it writes at most every PROGRESS_SEC):
+        written before the end is recorded, so a finished task shows where it ended."""
+        fields, r.progress = r.progress, None
+        if fields is None:
+            return
+        try:
+            await self.store.progress(
+                self.worker_id, r.delivery.task_id, r.delivery.attempt, fields
+            )
+        except RedisError as exc:
+            log.debug("task %s: last progress not written: %s", r.delivery.task_id, exc)
 
     # -- running -----------------------------------------------------------------------
     async def handle(self, r: Attempt) -> None:
@@ -244,6 +290,7 @@ class Attempts:
         ):
             error = {**error, "charge": False}
         uncharged = error is not None and not error.get("charge", True)
+        await self._last_progress(r)
         pause = self.settings.failpoints.get("before_settle")
         if pause:
             log.warning("failpoint before_settle: task %s pausing %gs", task_id, pause)

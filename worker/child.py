@@ -20,6 +20,7 @@ fails, and the child exits, so no orphan keeps a GPU busy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import json
@@ -34,12 +35,17 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from executors.base import ExecutorConfig, ExecutorError, TaskContext
 from executors.registry import load
 from flowmesh.failures import FailureKind, failure
 from flowmesh.spec import TaskSpec
+from worker.artifacts.checkpoints import TaskCheckpoints
+from worker.artifacts.config import ArtifactsConfig
+from worker.artifacts.fetch import ArtifactCache
+from worker.artifacts.publish import FINAL_DIRS, check_destination, publish, wants_http
 from worker.outputs import attempt_dir, finalise, summary
 
 # A busy child's replies go back in batches of up to LINGER_BATCH, a finished result
@@ -333,6 +339,7 @@ def child_main(
     log_level: str,
     config: ExecutorConfig,
     cuda_visible: str | None,
+    artifacts: ArtifactsConfig | None = None,
 ) -> None:
     # A Ctrl-C or SIGTERM sent to the whole process group (a terminal, `timeout`, a
     # container runtime) is for the worker, which drains and then stops us itself; dying
@@ -405,10 +412,13 @@ def child_main(
     shared = threading.Lock()
     handed: set[str] = set()  # requests whose outcome went to the finisher
 
+    cache = ArtifactCache(artifacts.fetch) if artifacts is not None else None
+
     def context(req: Request) -> TaskContext:
         spec = TaskSpec.model_validate_json(req.spec)
         ex = execution_of.get(req.req_id)
-        return TaskContext(
+        task_log = logging.LoggerAdapter(log, {"task_id": req.task_id, "attempt": req.attempt})
+        ctx = TaskContext(
             task_id=req.task_id,
             attempt=req.attempt,
             spec=spec,
@@ -416,8 +426,33 @@ def child_main(
             options=cls.parse_options(spec.spec),
             devices=req.devices,
             cancelled=ex.cancelled if ex is not None else cancels[req.req_id],
-            log=logging.LoggerAdapter(log, {"task_id": req.task_id, "attempt": req.attempt}),
+            log=task_log,
+            report=functools.partial(report_progress, req.req_id),
         )
+        if artifacts is not None and cache is not None:
+            check_destination(ctx, artifacts)
+            ctx.resolve = cache.resolve
+            ctx.checkpoints = TaskCheckpoints(
+                task_id=req.task_id,
+                attempt=req.attempt,
+                task_dir=Path(req.task_dir),
+                upload=wants_http(ctx),
+                config=artifacts,
+                cache=cache,
+                log=task_log,
+            )
+        return ctx
+
+    def report_progress(req_id: str, fields: dict[str, Any]) -> None:
+        # A closed pipe: the worker is gone, and the result will not be taken either.
+        with contextlib.suppress(OSError, ValueError):
+            send(("progress", req_id, fields))
+
+    def published(ctx: TaskContext, result: Any) -> Any:
+        """The result with the run's final directories archived (and uploaded)."""
+        if artifacts is None:
+            return result
+        return publish(ctx, result, artifacts, Path(ctx.work_dir).parent.parent, ctx.log)
 
     def hand_over(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
         """Give the finisher a task's outcome, whatever it is; once per request."""
@@ -534,7 +569,8 @@ def child_main(
         token = _current.set(req)
         task_logs.open_task(req.req_id)
         try:
-            result = executor.run(context(req))
+            ctx = context(req)
+            result = published(ctx, executor.run(ctx))
         except BaseException as exc:  # every failure goes back to the parent, typed
             error = describe_failure(exc)
         finally:
@@ -553,7 +589,10 @@ def child_main(
         try:
             async with runner.slot:
                 task_logs.open_task(req.req_id)
-                result = await executor.arun(context(req))
+                ctx = context(req)
+                result = await executor.arun(ctx)
+                if any((ctx.artifacts_dir / d).is_dir() for d in FINAL_DIRS):
+                    result = await asyncio.to_thread(published, ctx, result)
         except asyncio.CancelledError as exc:
             ex = execution_of.get(req.req_id)
             stop = ex.cancelled if ex is not None else cancels.get(req.req_id)

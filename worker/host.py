@@ -28,6 +28,7 @@ from executors.base import Executor, ExecutorConfig
 from flowmesh.failures import FailureKind, failure
 from flowmesh.status import ExecutorState
 from flowmesh.workers import ExecutorStatus
+from worker.artifacts.config import ArtifactsConfig
 from worker.child import Reply, Request, child_main
 from worker.devices import cuda_visible_devices
 from worker.hardware import Gpu
@@ -82,8 +83,12 @@ class ExecutorProcess:
         config: ExecutorConfig,
         cuda_visible: str | None = None,
         on_state: Callable[[], None] | None = None,
+        on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+        artifacts: ArtifactsConfig | None = None,
     ):
         self.name = name
+        self.artifacts = artifacts
+        self._on_progress = on_progress
         self.log_level = log_level
         self.config = config
         self.cuda_visible = cuda_visible
@@ -144,7 +149,14 @@ class ExecutorProcess:
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
             target=child_main,
-            args=(child, self.name, self.log_level, self.config, self.cuda_visible),
+            args=(
+                child,
+                self.name,
+                self.log_level,
+                self.config,
+                self.cuda_visible,
+                self.artifacts,
+            ),
             name=f"flowmesh-executor-{self.name}",
             daemon=True,
         )
@@ -251,6 +263,9 @@ class ExecutorProcess:
                 self._ready.set_exception(ExecutorFailure(message[1]))
         elif kind == "health":
             self.health = message[1]
+        elif kind == "progress":
+            if self._on_progress is not None and message[1] in self._pending:
+                self._on_progress(message[1], message[2])
         elif kind == "results":
             _, replies, health = message
             self.health = health
@@ -310,8 +325,12 @@ class ExecutorHost:
         gpus_known: bool,
         max_warm_models: int,
         on_change: Callable[[], None] | None = None,
+        on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+        artifacts: ArtifactsConfig | None = None,
     ):
         self.classes = executors
+        self.on_progress = on_progress
+        self.artifacts = artifacts
         self.worker_id = worker_id
         self.log_level = log_level
         self.gpus = gpus
@@ -329,7 +348,13 @@ class ExecutorHost:
                     worker_id, tuple(range(len(gpus))), max_warm_models=max_warm_models
                 )
                 self.procs[name] = ExecutorProcess(
-                    name, log_level, config, all_gpus, on_state=on_change
+                    name,
+                    log_level,
+                    config,
+                    all_gpus,
+                    on_state=on_change,
+                    on_progress=on_progress,
+                    artifacts=artifacts,
                 )
 
     def start(self) -> None:
@@ -402,7 +427,14 @@ class ExecutorHost:
             self.worker_id, tuple(range(len(gpus))), max_warm_models=self.max_warm_models
         )
         visible = cuda_visible_devices(gpus) if self.gpus_known else None
-        proc = ExecutorProcess(name, self.log_level, config, visible)
+        proc = ExecutorProcess(
+            name,
+            self.log_level,
+            config,
+            visible,
+            on_progress=self.on_progress,
+            artifacts=self.artifacts,
+        )
         self._isolated[request.req_id] = proc
         try:
             try:

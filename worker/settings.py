@@ -17,25 +17,9 @@ from flowmesh.config import (
     env_str,
 )
 from flowmesh.errors import ConfigError
+from flowmesh.failpoints import parse_failpoints
 from flowmesh.keys import heartbeat_ttl
-
-FAILPOINTS = ("before_settle",)
-
-
-def parse_failpoints(raw: str) -> dict[str, float]:
-    """`name:seconds[,name:seconds]`: where a worker pauses, so a test can kill it there."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
-        name, _, seconds = part.partition(":")
-        if name not in FAILPOINTS:
-            raise ConfigError(
-                f"FLOWMESH_FAILPOINTS: unknown failpoint {name!r}; known: {', '.join(FAILPOINTS)}"
-            )
-        try:
-            out[name] = float(seconds)
-        except ValueError:
-            raise ConfigError(f"FLOWMESH_FAILPOINTS: {part!r} needs name:seconds") from None
-    return out
+from worker.artifacts.config import ArtifactsConfig
 
 
 @dataclass(frozen=True)
@@ -63,6 +47,8 @@ class WorkerSettings:
     max_warm_models: int
     # Fault injection for the crash tests: {"before_settle": seconds} pauses there.
     failpoints: dict[str, float]
+    # Archives, uploads to the orchestrator, downloads and their cache (worker/artifacts/).
+    artifacts: ArtifactsConfig
 
     @property
     def heartbeat_ttl(self) -> int:
@@ -70,6 +56,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> WorkerSettings:
+        results_dir = Path(env_str(env, "RESULTS_DIR", "./results_workers")).resolve()
         worker_id = env_str(env, "WORKER_ID") or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         if not all(c.isalnum() or c in "-_.@" for c in worker_id):
             raise ConfigError(
@@ -82,7 +69,7 @@ class WorkerSettings:
         cpus = env_float(env, "WORKER_CPUS", 0.0, minimum=0.0)
         return cls(
             redis_url=env_str(env, "REDIS_URL"),
-            results_dir=Path(env_str(env, "RESULTS_DIR", "./results_workers")).resolve(),
+            results_dir=results_dir,
             task_topic=topic,
             heartbeat_interval=env_float(
                 env, "HEARTBEAT_INTERVAL_SEC", 30.0, minimum=0.0, exclusive=True
@@ -102,4 +89,5 @@ class WorkerSettings:
             inherited_gpus=env.get("CUDA_VISIBLE_DEVICES"),
             max_warm_models=env_int(env, "MAX_WARM_MODELS", 2, minimum=1, maximum=64),
             failpoints=parse_failpoints(env_str(env, "FLOWMESH_FAILPOINTS")),
+            artifacts=ArtifactsConfig.from_env(env, results_dir),
         )

@@ -86,6 +86,7 @@ class Worker:
                 heartbeat_interval=settings.heartbeat_interval,
                 started_at=self.started_at,
                 protocol=workers.PROTOCOL,
+                artifacts=settings.artifacts.describe(),
             ),
             interval=settings.heartbeat_interval,
             ttl=settings.heartbeat_ttl,
@@ -100,6 +101,8 @@ class Worker:
             gpus_known=self.nvml.available,
             max_warm_models=settings.max_warm_models,
             on_change=lambda: self.presence.nudge(executors_changed=True),
+            on_progress=lambda req_id, fields: self.attempts.progress(req_id, fields),
+            artifacts=settings.artifacts,
         )
         self.attempts = Attempts(
             settings, self.store, self.host, self.devices, self._devices_changed
@@ -192,6 +195,18 @@ class Worker:
             ",".join(self.settings.tags) or "none",
             self.slots,
         )
+        upload = self.settings.artifacts.upload
+        if upload is None:
+            log.info("artifact uploads: off (no ORCHESTRATOR_BASE_URL)")
+        else:
+            rate = upload.bandwidth_bytes_per_sec
+            log.info(
+                "artifact uploads to %s, %s",
+                upload.base_url,
+                f"throttled to {rate} bytes/s (WORKER_NETWORK_BANDWIDTH_BYTES_PER_SEC)"
+                if rate
+                else "not throttled",
+            )
 
     async def deregister(self) -> None:
         k = self.keys

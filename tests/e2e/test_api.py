@@ -11,7 +11,9 @@ import time
 import httpx
 import pytest
 
+from executors.registry import entry_points_by_name
 from flowmesh.client import ApiError, Client
+from flowmesh.spec import task_type_of
 from tests.conftest import ROOT, wait_until
 
 
@@ -46,14 +48,15 @@ def test_a_type_no_executor_runs_is_422_listing_the_executors_that_exist(orchest
     assert r.status_code == 422
     (err,) = r.json()["errors"]
     assert err["loc"] == "spec.taskType"
-    assert err["msg"] == NO_EXECUTOR.format("teleport") + "available: echo, inference"
+    installed = ", ".join(sorted({task_type_of(n) for n in entry_points_by_name()}))
+    assert err["msg"] == NO_EXECUTOR.format("teleport") + f"available: {installed}"
     # A catalogue type is refused too until its executor exists: it would wait forever.
-    r = post(orchestrator, "spec:\n  taskType: sft\n")
+    r = post(orchestrator, "spec:\n  taskType: rag\n")
     assert r.status_code == 422
     (err,) = r.json()["errors"]
     assert err["loc"] == "spec.taskType"
-    assert err["msg"].startswith(NO_EXECUTOR.format("sft") + "available: echo, inference (")
-    assert "'sft' is a planned catalogue type" in err["msg"]
+    assert err["msg"].startswith(NO_EXECUTOR.format("rag") + f"available: {installed} (")
+    assert "'rag' is a planned catalogue type" in err["msg"]
     assert nothing_stored(rdb)
 
 
@@ -82,8 +85,9 @@ def test_a_type_a_worker_offers_is_accepted_and_one_installed_here_waits_with_a_
     )
     (task,) = r.json()["tasks"]
     assert orchestrator.wait(task["task_id"])["result"] == {"text": "HI"}
-    r = post(orchestrator, "spec: {taskType: sft}\n")
-    assert "available: echo, inference, shout" in r.json()["errors"][0]["msg"]
+    r = post(orchestrator, "spec: {taskType: rag}\n")
+    installed = sorted({*(task_type_of(n) for n in entry_points_by_name()), "shout"})
+    assert f"available: {', '.join(installed)}" in r.json()["errors"][0]["msg"]
     # Installed here, offered by no worker: stored, and its reason says why it waits.
     (task_id,) = orchestrator.submit(
         {
@@ -281,19 +285,19 @@ def test_numbers_are_numbers_sizes_have_a_limit_and_unused_fields_are_refused(or
             "read only by the vLLM engine",
         ),
         (
-            echo(output={"destination": {"type": "http"}}),
-            "spec.output.destination.type",
-            "not supported yet: artifact upload over HTTP comes with the training executor",
+            echo(checkpoint={"load": {"identifier": "/models/lora"}}),
+            "spec.checkpoint",
+            "executor 'echo' loads no checkpoint",
         ),
         (
             echo(output={"destination": {"url": "https://example.com/up"}}),
             "spec.output.destination.url",
-            "not supported yet: nothing reads it",
+            "never to a URL or path a spec names",
         ),
         (
             echo(output={"destination": {"type": "local", "path": "/data/out"}}),
             "spec.output.destination.path",
-            "not supported yet: nothing reads it",
+            "never to a URL or path a spec names",
         ),
         (echo(output={"artifacts": ["model.bin"]}), "spec.output.artifacts", "not supported yet"),
         (

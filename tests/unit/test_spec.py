@@ -111,34 +111,69 @@ def test_plain_numbers_from_yaml_or_json_are_still_numbers():
     ("spec", "path", "message"),
     [
         (
-            {"output": {"destination": {"type": "http"}}},
-            "spec.output.destination.type",
-            "not supported yet: artifact upload over HTTP comes with the training executor; "
-            "a task's outputs stay on its worker under RESULTS_DIR/<task_id>/",
-        ),
-        (
             {"output": {"destination": {"url": "https://example.com"}}},
             "spec.output.destination.url",
-            "not supported yet: nothing reads it (a task's outputs stay on its worker under "
-            "RESULTS_DIR/<task_id>/); it comes with artifact upload over HTTP",
+            "not supported yet: an upload goes to the orchestrator the worker is configured "
+            "with (ORCHESTRATOR_BASE_URL), never to a URL or path a spec names; use type: "
+            "http or type: local",
         ),
         (
             {"output": {"destination": {"path": "/srv/out"}}},
             "spec.output.destination.path",
-            "not supported yet: nothing reads it (a task's outputs stay on its worker under "
-            "RESULTS_DIR/<task_id>/); it comes with artifact upload over HTTP",
+            "not supported yet: an upload goes to the orchestrator the worker is configured "
+            "with (ORCHESTRATOR_BASE_URL), never to a URL or path a spec names; use type: "
+            "http or type: local",
         ),
         (
             {"output": {"artifacts": ["weights.bin"]}},
             "spec.output.artifacts",
-            "not supported yet: nothing reads it: every file an executor writes under its "
-            "artifacts directory is kept (a task's outputs stay on its worker under "
-            "RESULTS_DIR/<task_id>/); choosing artifacts comes with upload",
+            "not supported yet: every file an executor writes under its artifacts directory "
+            "is kept, and final_model/ and final_lora/ are archived",
         ),
     ],
 )
 def test_fields_nothing_reads_yet_are_refused_saying_so(spec, path, message):
     assert problems(spec) == {path: message}
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        ({"type": "jsonl"}, "spec.data", "data.type 'jsonl' needs data.path"),
+        ({"type": "url", "url": "ftp://x/y"}, "spec.data.url", "expected an http:// or https://"),
+        (
+            {"type": "list", "items": [1], "path": "/d.jsonl"},
+            "spec.data",
+            "data.type 'list' reads data.items only; remove data.path",
+        ),
+        (
+            {"type": "parquet", "path": "/d.parquet", "sha256": "0" * 64},
+            "spec.data",
+            "data.sha256 checks a download: it needs data.type 'url'",
+        ),
+        ({"type": "url", "url": "http://h/x", "sha256": "xyz"}, "spec.data.sha256", "pattern"),
+    ],
+)
+def test_data_sources_are_checked(data, path, message):
+    found = problems({"data": data})
+    assert message in found.get(path, ""), found
+
+
+def test_data_sources_and_a_checkpoint_to_load():
+    body = parse_task(
+        {
+            "spec": {
+                "taskType": "lora_sft",
+                "data": {"type": "url", "url": "http://orch:8000/a.jsonl", "sha256": "a" * 64},
+                "checkpoint": {"load": {"identifier": "http://orch:8000/final_lora.tar.gz"}},
+                "output": {"destination": {"type": "http"}},
+            }
+        }
+    ).spec
+    assert body.data is not None and body.data.url == "http://orch:8000/a.jsonl"
+    assert body.checkpoint is not None
+    assert body.checkpoint.load.identifier.endswith("final_lora.tar.gz")
+    assert body.output is not None and body.output.destination.type == "http"
 
 
 def test_empty_reserved_fields_and_a_local_destination_are_fine():
