@@ -112,7 +112,18 @@ class Checkpoints:
         (archive and upload it in the background when the destination is HTTP)."""
 
     def flush(self) -> None:
-        """Wait for the uploads `saved` started; raises when one of them failed for good."""
+        """Wait for the uploads `saved` started (the run succeeded)."""
+
+    def discard(self) -> None:
+        """The run failed or was stopped: drop the uploads not yet started, wait for none."""
+
+
+def source_error(exc: BaseException, what: str) -> ExecutorError:
+    """A source that could not be had (`TaskContext.resolve` raised): worth another attempt
+    when the cause was the network or a server error (`exc.retryable`), else never (a host
+    not allowed, a wrong sha256, an unsafe archive, nothing there)."""
+    error = RetryableError if getattr(exc, "retryable", False) else PermanentError
+    return error(f"{what}: {exc}")
 
 
 def _local_source(source: str, sha256: str | None = None) -> Path:

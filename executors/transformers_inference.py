@@ -25,6 +25,7 @@ from executors.base import (
     PermanentError,
     RetryableError,
     TaskContext,
+    source_error,
 )
 from flowmesh.spec import Float, Int, ModelSpec, TaskBody
 
@@ -155,8 +156,7 @@ def local_source(task: TaskContext, identifier: str) -> str:
     except ExecutorError:
         raise
     except Exception as exc:  # FetchError: not allowed, not there, not safe, or the network
-        error = RetryableError if getattr(exc, "retryable", False) else PermanentError
-        raise error(f"cannot get {identifier!r}: {exc}") from exc
+        raise source_error(exc, f"cannot get {identifier!r}") from exc
 
 
 class TransformersInferenceExecutor(Executor):

@@ -62,7 +62,8 @@ def _client(args: argparse.Namespace) -> Client:
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.file)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        # `-`: the spec from standard input (a template filled in by sed, say).
+        text = sys.stdin.read() if args.file == "-" else path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"cannot read {path}: {reason}") from None
@@ -235,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("submit", help="submit a YAML/JSON task spec (or a batch)")
-    s.add_argument("file")
+    s.add_argument("file", help="a .yaml or .json file, or - for standard input (YAML or JSON)")
     s.add_argument("--wait", action="store_true", help="show live progress until all finish")
     s.add_argument("--timeout", type=float, default=None, help="stop waiting after N seconds")
     s.set_defaults(func=cmd_submit)

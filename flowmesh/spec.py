@@ -390,6 +390,9 @@ class Requirements(BaseModel):
     gpu_memory: int = 0
     tags: tuple[str, ...] = ()
     model: str | None = None
+    # Its archives go to the orchestrator (output.destination.type: http): only a worker
+    # with ORCHESTRATOR_BASE_URL can run it.
+    uploads: bool = False
 
     @classmethod
     def of(cls, body: TaskBody) -> Requirements:
@@ -403,4 +406,5 @@ class Requirements(BaseModel):
             gpu_memory=hw.gpu.memory or 0,
             tags=tuple(sorted(set(body.resources.tags))),
             model=body.model.source.identifier if body.model else None,
+            uploads=body.output is not None and body.output.destination.type == "http",
         )

@@ -80,6 +80,8 @@ class WorkerView:
     version: int = 0
     # Reads merged deliveries (`merge_children`); a worker of an older version does not.
     takes_merged: bool = True
+    # Can upload archives to the orchestrator (it has ORCHESTRATOR_BASE_URL).
+    uploads: bool = False
 
     @classmethod
     def from_record(cls, record: WorkerRecord, alive: bool) -> WorkerView:
@@ -102,6 +104,7 @@ class WorkerView:
             ready=record.ready_executors,
             executor_states=record.executor_states,
             takes_merged=record.protocol >= MERGE_PROTOCOL,
+            uploads=bool(record.artifacts.get("orchestrator")),
         )
 
     def executor_ready(self, name: str) -> bool:
@@ -124,6 +127,8 @@ class WorkerView:
         missing = [t for t in req.tags if t not in self.tags]
         if missing:
             return f"lacks tag(s) {', '.join(missing)}"
+        if req.uploads and not self.uploads:
+            return "has no ORCHESTRATOR_BASE_URL to upload to (output.destination.type http)"
         if req.gpu_count and self.matching_gpus(req) < req.gpu_count:
             what = f"{req.gpu_count} GPU(s)"
             if req.gpu_type:

@@ -42,7 +42,7 @@ ENVIRONMENT = [
     ("ORCHESTRATOR_BASE_URL", "orchestrator URL for artifact uploads and downloads (default none)"),
     ("FLOWMESH_WORKER_TOKEN", "the workers' credential for uploads (default none)"),
     ("WORKER_NETWORK_BANDWIDTH_BYTES_PER_SEC", "upload throttle, e.g. 10Mi (default none)"),
-    ("WORKER_UPLOAD_RETRIES", "upload retries after the first try (default 5)"),
+    ("WORKER_UPLOAD_RETRIES", "upload retries after the first try (default 20, ~8 min)"),
     ("WORKER_UPLOAD_TIMEOUT_SEC", "upload connect/read timeout (default 60)"),
     ("MODEL_ARCHIVE_USE_PIGZ", "1/0: archive with pigz (default 1; Python fallback without it)"),
     ("MODEL_ARCHIVE_COMPRESSION_LEVEL", "gzip level 0-9 (default 6)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -170,8 +171,14 @@ def callback(events: Events) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if STEP_PAUSE:
                 time.sleep(STEP_PAUSE)  # FLOWMESH_FAILPOINTS=train_step:S, crash tests only
+            if args.save_strategy == "steps" and state.global_step >= state.max_steps:
+                # A checkpoint at the last step too: an attempt after a failure past it (an
+                # upload, the worker lost) resumes there instead of training again.
+                control.should_save = True
             # Between logging steps too (at most every STEP_EVERY_SEC, and the last step),
             # so the task's status follows the steps, with the last loss logged.
+            if args.logging_strategy == "steps" and state.global_step % args.logging_steps == 0:
+                return  # a logging step: on_log reports it, with its loss
             now = time.monotonic()
             if now - self.last["at"] < STEP_EVERY_SEC and state.global_step < state.max_steps:
                 return
@@ -316,6 +323,11 @@ def classify(exc: BaseException, started: bool) -> str:
 
 
 def main(argv: list[str]) -> int:
+    # The worker's executor process ignores SIGTERM (it is the worker's to act on), and an
+    # ignored signal stays ignored across exec: the trainer takes its default back, so the
+    # SIGTERM of a cancel or timeout stops it at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     job = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
     rank = int(os.environ.get("RANK", "0"))
     events = Events(job["events"], rank)
@@ -335,4 +347,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    # Everything is on disk and the last event written: skip the interpreter's teardown of
+    # torch and its thread pools (a second or more the task would wait for, doing nothing).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -28,6 +28,7 @@ from executors.base import (
     PermanentError,
     RetryableError,
     TaskContext,
+    source_error,
 )
 from executors.trl.data import Shape, items_problems
 from executors.trl.options import TrainingOptions
@@ -140,8 +141,12 @@ class TrainingExecutor(Executor):
         )
         try:
             outcome = self._supervise(task, self._command(job_path, world), events)
-        finally:
-            task.checkpoints.flush()
+        except BaseException:
+            # Stopped or failed: no waiting for checkpoint uploads still queued (a cancel
+            # must not wait minutes for them); those already sent are kept.
+            task.checkpoints.discard()
+            raise
+        task.checkpoints.flush()
         return {
             "final_dir": Path(job["final_dir"]).name,
             "global_step": outcome.get("global_step"),
@@ -159,8 +164,8 @@ class TrainingExecutor(Executor):
             path = task.resolve(source, sha256)
         except ExecutorError:
             raise
-        except (FileNotFoundError, ValueError) as exc:
-            raise PermanentError(f"{what} {source!r} cannot be used: {exc}") from exc
+        except Exception as exc:  # FetchError: not allowed, not there, not safe, the network
+            raise source_error(exc, f"{what} {source!r} cannot be used") from exc
         if not path.exists():
             raise PermanentError(f"{what} {source!r} not found: no such file or directory")
         return path
@@ -286,7 +291,10 @@ class TrainingExecutor(Executor):
                             task.log.info("%s: %s", self.name, _progress_line(fields))
                     elif kind == "checkpoint":
                         task.log.info("checkpoint %s at step %s", event["path"], event["step"])
-                        task.checkpoints.saved(Path(event["path"]))
+                        try:
+                            task.checkpoints.saved(Path(event["path"]))
+                        except OSError as exc:  # rotated away already (save_total_limit)
+                            task.log.warning("checkpoint %s not kept: %s", event["path"], exc)
                     elif kind == "done":
                         done = event
                     elif kind == "error" and error is None:

@@ -204,3 +204,50 @@ def test_sigkilled_worker_mid_training_resumes_from_the_uploaded_checkpoint(
         ).status_code
         == 200
     )
+
+
+def _trainers_of(task_id: str) -> list[int]:
+    """Trainer processes still alive for a task (their command names its job file)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "executors.trl.launch" in cmdline and task_id in cmdline:
+            found.append(proc.pid)
+    return found
+
+
+def test_cancel_and_timeout_stop_the_trainer(
+    fleet: Callable[..., Orchestrator],
+    start_worker: Callable[..., Proc],
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    orch = fleet()
+    start_worker(
+        "trainer", **_worker_env(orch, tmp_path / "w", FLOWMESH_FAILPOINTS="train_step:0.2")
+    )
+    long = _lora_sft(tiny_model, max_steps=10_000)
+    long["spec"]["output"] = {"destination": {"type": "local"}}
+    timed = {**long, "spec": {**long["spec"], "timeoutSec": 25, "maxAttempts": 1}}
+    cancelled, timed_out = orch.submit(long, timed)
+
+    wait_until(
+        lambda: (orch.task(cancelled).get("progress") or {}).get("step", 0) >= 1,
+        timeout=120,
+        what="the first training step",
+    )
+    assert _trainers_of(cancelled)
+    assert orch.http.post(f"/api/v1/tasks/{cancelled}/cancel").status_code == 200
+    assert orch.wait(cancelled, timeout=60)["status"] == "CANCELLED"
+
+    task = orch.wait(timed_out, timeout=120)
+    assert task["status"] == "FAILED" and task["error"]["kind"] == "timeout"
+    assert (task.get("progress") or {}).get("step", 0) >= 1
+    # Neither trainer outlives its task.
+    wait_until(
+        lambda: not _trainers_of(cancelled) and not _trainers_of(timed_out),
+        timeout=15,
+        what="both trainers gone",
+    )

@@ -43,6 +43,7 @@ class Recorded(Checkpoints):
         self.saved_paths: list[Path] = []
         self.complete: list[bool] = []
         self.flushed = 0
+        self.discarded = 0
 
     def latest(self) -> Path | None:
         return self._latest
@@ -53,6 +54,9 @@ class Recorded(Checkpoints):
 
     def flush(self) -> None:
         self.flushed += 1
+
+    def discard(self) -> None:
+        self.discarded += 1
 
 
 @dataclass

@@ -27,6 +27,8 @@ def test_cancel_stops_the_trainer(make_run: MakeRun) -> None:
     with pytest.raises(TrainingStopped):
         run.executor.run(run.ctx)
     assert psutil.Process().children(recursive=True) == []
+    # Checkpoint uploads still queued are dropped, not waited for.
+    assert (run.checkpoints.discarded, run.checkpoints.flushed) == (1, 0)
     assert not (run.ctx.artifacts_dir / "final_lora").exists()
 
 

@@ -232,7 +232,24 @@ HOSTILE = [
     ("dotdot", [("ok/a.txt", tarfile.REGTYPE, ""), ("ok/../../x", tarfile.REGTYPE, "")], "'..'"),
     ("absolute", [("/etc/passwd", tarfile.REGTYPE, "")], "absolute path"),
     ("symlink-abs", [("ok/etc", tarfile.SYMTYPE, "/etc")], "symlink target '/etc' is absolute"),
-    ("symlink-up", [("ok/up", tarfile.SYMTYPE, "../../outside")], "leaves the archive root"),
+    ("symlink-up", [("ok/up", tarfile.SYMTYPE, "../../outside")], "has a '..' component"),
+    # Each link looks harmless alone; through them, writes land elsewhere (CVE-2025-4517's
+    # shape): refused whatever Python's data filter would make of it.
+    (
+        "write-through-symlink",
+        [
+            ("ok/sub", tarfile.DIRTYPE, ""),
+            ("ok/l", tarfile.SYMTYPE, "sub"),
+            ("ok/l/x", tarfile.REGTYPE, ""),
+        ],
+        "passes through the symlink 'ok/l'",
+    ),
+    (
+        "symlink-via-symlink",
+        [("ok/a", tarfile.SYMTYPE, "b"), ("ok/c", tarfile.SYMTYPE, "a/d")],
+        "passes through the symlink 'ok/a'",
+    ),
+    ("symlink-inside-dotdot", [("ok/d/l", tarfile.SYMTYPE, "../e")], "has a '..' component"),
     ("hardlink-abs", [("ok/pw", tarfile.LNKTYPE, "/etc/passwd")], "hard link target '/etc/passwd'"),
     ("hardlink-up", [("ok/pw", tarfile.LNKTYPE, "../outside/x")], "hard link target"),
     ("device", [("ok/null", tarfile.CHRTYPE, "")], "device or fifo"),

@@ -223,6 +223,20 @@ def test_http_errors_say_what_the_server_said(tmp_path: Path, server: Server) ->
         cache.resolve(f"{server.url}/missing.tar.gz")
 
 
+def test_errors_and_logs_never_show_a_urls_query_or_password(
+    tmp_path: Path, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A presigned URL's signature is a secret: kept out of task errors and the worker log.
+    cache = cache_for(tmp_path, server)
+    secret = "X-Amz-Signature=s3cr3t"
+    host = server.url.split("://", 1)[1]
+    with caplog.at_level("DEBUG"), pytest.raises(FetchError) as err:
+        cache.resolve(f"http://user:hunter2@{host}/missing.tar.gz?{secret}")
+    assert "/missing.tar.gz?…" in str(err.value)
+    for text in (str(err.value), caplog.text):
+        assert "s3cr3t" not in text and "hunter2" not in text
+
+
 def test_download_size_limit(tmp_path: Path, server: Server) -> None:
     (server.root / "big.parquet").write_bytes(b"\0" * 100_000)
     cache = cache_for(tmp_path, server, limits=ExtractLimits(max_bytes=50_000))

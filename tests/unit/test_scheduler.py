@@ -81,6 +81,21 @@ def test_gpu_type_and_memory_filter():
     assert "fewer than 3 GPU(s)" in s.explain(Requirements(executor="echo", gpu_count=3))
 
 
+def test_a_task_that_uploads_goes_only_to_a_worker_that_can():
+    plain = worker("plain", executors=("lora_sft",))
+    uploader = worker("uploader", executors=("lora_sft",))
+    uploader.uploads = True
+    s = sched(plain, uploader)
+    req = Requirements(executor="lora_sft", uploads=True)
+    assert [w.worker_id for w in s.candidates(req)] == ["uploader"]
+    assert {w.worker_id for w in s.candidates(Requirements(executor="lora_sft"))} == {
+        "plain",
+        "uploader",
+    }
+    alone = sched(worker("plain", executors=("lora_sft",)))
+    assert "no ORCHESTRATOR_BASE_URL to upload to" in alone.explain(req)
+
+
 def test_gpus_are_not_shared_between_tasks():
     s = sched(worker("h", gpus=[H100], slots=4))
     req = Requirements(executor="echo", gpu_count=1)

@@ -50,7 +50,7 @@ def test_from_env_reads_the_readme_variables():
 
 def test_defaults_and_zero_bandwidth_mean_no_throttle():
     s = UploadSettings.from_env({**BASE, "WORKER_NETWORK_BANDWIDTH_BYTES_PER_SEC": "0"})
-    assert (s.token, s.bandwidth_bytes_per_sec, s.retries, s.timeout) == (None, None, 5, 60.0)
+    assert (s.token, s.bandwidth_bytes_per_sec, s.retries, s.timeout) == (None, None, 20, 60.0)
 
 
 @pytest.mark.parametrize(

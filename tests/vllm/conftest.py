@@ -114,7 +114,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_llama_64: Path) -> Iter
             # The CPU backend's KV cache; it would otherwise take a share of the RAM.
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "MAX_WARM_MODELS": "2",
-            # Downloaded LoRA adapters are cached under ~/.cache: the session's own.
+            # Adapters by URL come from the tests' own HTTP server on loopback.
+            "ARTIFACT_ALLOWED_HOSTS": "127.0.0.1",
+            "ARTIFACT_CACHE_DIR": str(root / "artifact-cache"),
             "HOME": str(root / "home"),
         }
         # The engine keeps both cores of a small CI machine busy while it generates; at a

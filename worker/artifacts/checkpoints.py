@@ -13,6 +13,7 @@ uploaded one is downloaded, checked and extracted into the worker's cache).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -69,6 +70,7 @@ class TaskCheckpoints(Checkpoints):
         self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._failed: list[str] = []
+        self._dropping = False
 
     # -- an earlier attempt's ------------------------------------------------------------
     def _local(self) -> list[tuple[int, Path]]:
@@ -109,8 +111,16 @@ class TaskCheckpoints(Checkpoints):
         best_remote = max(remote, default=None, key=lambda c: c[0])
         if best_remote is not None and (best_local is None or best_remote[0] > best_local[0]):
             step, url, sha = best_remote
-            self.log.info("checkpoint at step %d: downloading %s", step, url)
-            return self.cache.resolve(url, sha)
+            self.log.info("checkpoint at step %d: downloading it from the orchestrator", step)
+            try:
+                return self.cache.resolve(url, sha)
+            except Exception as exc:
+                if getattr(exc, "retryable", False):  # the network: a later attempt may do
+                    raise RetryableError(f"downloading checkpoint-{step} failed: {exc}") from exc
+                # A damaged upload: an older checkpoint (or none) rather than no training.
+                self.log.warning(
+                    "checkpoint-%d cannot be used (%s); not resuming from it", step, exc
+                )
         return best_local[1] if best_local is not None else None
 
     # -- this attempt's ------------------------------------------------------------------
@@ -135,6 +145,9 @@ class TaskCheckpoints(Checkpoints):
         assert self.config.upload is not None
         outbox = self._outbox
         while (path := self._queue.get()) is not None:
+            if self._dropping:
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             try:
                 info = create_archive(path, outbox, self.config.archive)
                 sent = upload_file(
@@ -161,7 +174,19 @@ class TaskCheckpoints(Checkpoints):
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._tidy()
         if self._failed:
             # Not the task's failure: its final model is there. A later attempt would only
             # resume from an older checkpoint.
             self.log.warning("%d checkpoint upload(s) failed: %s", len(self._failed), self._failed)
+
+    def discard(self) -> None:
+        # Queued snapshots are dropped; one being uploaded finishes in its daemon thread
+        # (or dies with the process), the task does not wait for it.
+        self._dropping = True
+        self._queue.put(None)
+        self._thread = None
+
+    def _tidy(self) -> None:
+        with contextlib.suppress(OSError):
+            self._outbox.rmdir()  # empty once every snapshot was sent

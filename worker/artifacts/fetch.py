@@ -48,6 +48,24 @@ SHA_HEADER = "X-FlowMesh-Sha256"
 Origin = tuple[str, str, int]
 
 
+# httpx logs every request's whole URL at INFO, query and all (a presigned URL's
+# signature): our own lines say what was fetched, shortened (`shown`).
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def shown(url: str) -> str:
+    """A URL fit for a log line or an error a user reads: no user, password, query or
+    fragment (a presigned URL's signature lives there)."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    hidden = "?…" if parts.query or parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{hidden}"
+
+
 class FetchError(FlowMeshError):
     """An input could not be had: not allowed, not there, not what was expected, or not
     safe to extract (then an UnsafeArchive is its __cause__). `retryable`: a network
@@ -72,11 +90,11 @@ def _origin(url: str) -> Origin:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise FetchError(f"cannot fetch {url!r}: only http:// and https:// URLs with a host")
+        raise FetchError(f"cannot fetch {shown(url)!r}: only http:// and https:// URLs with a host")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
-        raise FetchError(f"cannot fetch {url!r}: bad port") from None
+        raise FetchError(f"cannot fetch {shown(url)!r}: bad port") from None
     return scheme, parts.hostname.lower(), port
 
 
@@ -139,12 +157,12 @@ class ArtifactCache:
     def resolve(self, source: str, sha256: str | None = None) -> Path:
         expected = sha256.strip().lower() if sha256 else None
         if expected is not None and not SHA256.match(expected):
-            raise FetchError(f"sha256 for {source!r} must be 64 hex digits, got {sha256!r}")
+            raise FetchError(f"sha256 for {shown(source)!r} must be 64 hex digits, got {sha256!r}")
         scheme = urlsplit(source).scheme.lower() if "://" in source else ""
         if scheme in DEFAULT_PORTS:
             return self._url(source, expected)
         if scheme:
-            raise FetchError(f"cannot fetch {source!r}: only local paths and http(s) URLs")
+            raise FetchError(f"cannot fetch {shown(source)!r}: only local paths and http(s) URLs")
         return self._local(Path(source).expanduser(), expected)
 
     # -- local paths ---------------------------------------------------------------------
@@ -231,19 +249,22 @@ class ArtifactCache:
                     for chunk in reply.iter_bytes(CHUNK):
                         size += len(chunk)
                         if size > limit:
-                            raise FetchError(f"GET {url}: download passed max_bytes={limit} bytes")
+                            raise FetchError(
+                                f"GET {shown(url)}: download passed max_bytes={limit} bytes"
+                            )
                         digest.update(chunk)
                         out.write(chunk)
             got = digest.hexdigest()
             for what, want in (("the caller", expected), (f"the server's {SHA_HEADER}", claimed)):
                 if want is not None and want != got:
                     raise FetchError(
-                        f"sha256 mismatch for {url}: {what} expected {want}, downloaded {got}"
+                        f"sha256 mismatch for {shown(url)}: {what} expected {want}, "
+                        f"downloaded {got}"
                     )
         except httpx.HTTPError as exc:
             part.unlink(missing_ok=True)
             raise FetchError(
-                f"GET {url} failed: {type(exc).__name__}: {exc}", retryable=True
+                f"GET {shown(url)} failed: {type(exc).__name__}: {exc}", retryable=True
             ) from exc
         except BaseException:
             part.unlink(missing_ok=True)
@@ -251,7 +272,7 @@ class ArtifactCache:
         seconds = time.monotonic() - started
         log.info(
             "downloaded %s: %d bytes in %.2fs (%.1f MB/s), sha256 %s",
-            url,
+            shown(url),
             size,
             seconds,
             size / max(seconds, 1e-9) / 1e6,
@@ -263,8 +284,8 @@ class ArtifactCache:
         if reply.is_redirect:
             where = reply.headers.get("location", "?")
             raise FetchError(
-                f"GET {url}: HTTP {reply.status_code} redirect to {where!r} is not followed; "
-                "use the final URL"
+                f"GET {shown(url)}: HTTP {reply.status_code} redirect to {shown(where)!r} is "
+                "not followed; use the final URL"
             )
         if reply.status_code != 200:
             body = b""
@@ -278,13 +299,13 @@ class ArtifactCache:
                 if isinstance(parsed, dict) and "detail" in parsed:
                     detail = parsed["detail"]
             raise FetchError(
-                f"GET {url} failed: HTTP {reply.status_code}: {detail}",
+                f"GET {shown(url)} failed: HTTP {reply.status_code}: {detail}",
                 retryable=reply.status_code >= 500 or reply.status_code == 429,
             )
         length = reply.headers.get("content-length")
         limit = self.settings.limits.max_bytes
         if length and length.isdigit() and int(length) > limit:
-            raise FetchError(f"GET {url}: {length} bytes is over max_bytes={limit}")
+            raise FetchError(f"GET {shown(url)}: {length} bytes is over max_bytes={limit}")
 
     # -- the cache -----------------------------------------------------------------------
     def cached(self, digest: str) -> Path | None:

@@ -17,10 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from executors.base import ExecutorError, TaskContext
+from executors.base import ExecutorError, PermanentError, RetryableError, TaskContext
 from worker.artifacts.archive import create_archive
 from worker.artifacts.config import ArtifactsConfig
-from worker.artifacts.upload import UploadRefused, upload_file
+from worker.artifacts.upload import UploadError, UploadRefused, upload_file
 
 FINAL_DIRS = ("final_model", "final_lora")
 
@@ -90,9 +90,13 @@ def publish(
                     log=log,
                 )
             except UploadRefused as exc:
-                # The orchestrator will never take it (superseded, finished): not worth a
-                # retry of the task; whoever superseded it makes its own.
-                raise ExecutorError(f"upload of {info.path.name} refused: {exc}") from exc
+                # The orchestrator will never take it (superseded, finished, too large, a
+                # wrong worker token): another attempt would train again for nothing.
+                raise PermanentError(f"upload of {info.path.name} refused: {exc}") from exc
+            except UploadError as exc:
+                # Retried for WORKER_UPLOAD_RETRIES with backoff and still failing. Another
+                # attempt resumes from the final checkpoint (with save_steps) and uploads.
+                raise RetryableError(f"upload of {info.path.name} failed: {exc}") from exc
             out[f"{name}_archive_url"] = sent.url
             entry["upload"] = {
                 "seconds": round(sent.seconds, 3),

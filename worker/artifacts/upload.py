@@ -58,14 +58,14 @@ class UploadSettings:
     base_url: str
     token: str | None = field(default=None, repr=False)
     bandwidth_bytes_per_sec: int | None = None
-    retries: int = 5  # tries after the first
+    retries: int = 20  # tries after the first: with the backoff, about 8 minutes
     timeout: float = 60.0
 
     @classmethod
     def from_env(cls, env: Env) -> UploadSettings:
         """ORCHESTRATOR_BASE_URL (required), FLOWMESH_WORKER_TOKEN,
         WORKER_NETWORK_BANDWIDTH_BYTES_PER_SEC (a number or a size such as 10Mi; unset or
-        0: no throttle), WORKER_UPLOAD_RETRIES (5), WORKER_UPLOAD_TIMEOUT_SEC (60)."""
+        0: no throttle), WORKER_UPLOAD_RETRIES (20), WORKER_UPLOAD_TIMEOUT_SEC (60)."""
         base_url = env_str(env, "ORCHESTRATOR_BASE_URL").rstrip("/")
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -77,7 +77,7 @@ class UploadSettings:
             base_url=base_url,
             token=env_str(env, "FLOWMESH_WORKER_TOKEN") or None,
             bandwidth_bytes_per_sec=bandwidth or None,
-            retries=env_int(env, "WORKER_UPLOAD_RETRIES", 5, minimum=0, maximum=100),
+            retries=env_int(env, "WORKER_UPLOAD_RETRIES", 20, minimum=0, maximum=1000),
             timeout=env_float(env, "WORKER_UPLOAD_TIMEOUT_SEC", 60.0, minimum=0, exclusive=True),
         )
 
