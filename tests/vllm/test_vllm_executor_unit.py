@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from executors.base import PermanentError, RetryableError
+from executors.base import PermanentError, RetryableError, TaskContext
 from executors.transformers_inference import TransformersInferenceExecutor
 from executors.vllm_inference import (
     CudaOutOfMemory,
@@ -24,13 +24,13 @@ from executors.vllm_inference import (
     VllmInferenceExecutor,
     VllmInferenceOptions,
     _Engine,
-    _extract,
     engine_args,
     is_out_of_memory,
     load_error,
     lora_rank_for,
 )
 from flowmesh.spec import parse_task
+from worker.artifacts.fetch import ArtifactCache, FetchSettings
 from worker.child import describe_failure
 
 
@@ -115,8 +115,9 @@ def test_an_adapter_is_a_directory_or_an_http_archive(identifier: str, ok: bool)
 def test_the_transformers_engine_refuses_what_only_vllm_reads() -> None:
     b = body({"engine": "transformers", "vllm": {"max_model_len": 512}})
     assert "spec.model.vllm" in dict(TransformersInferenceExecutor.validate_spec(b))
+    # Both engines serve LoRA adapters.
     b = body({"engine": "transformers", "lora": {"identifier": "/adapters/sql"}})
-    assert "vLLM" in dict(TransformersInferenceExecutor.validate_spec(b))["spec.model.lora"]
+    assert "spec.model.lora" not in dict(TransformersInferenceExecutor.validate_spec(b))
 
 
 def test_engine_args_follow_the_spec_and_the_gpus_given() -> None:
@@ -352,51 +353,54 @@ ADAPTER = {
 }
 
 
-def test_an_archive_is_extracted_safely(tmp_path: Path) -> None:
-    archive = tmp_path / "a.tar.gz"
-    archive.write_bytes(adapter_archive(ADAPTER))
-    _extract(archive, tmp_path / "out")
-    assert (tmp_path / "out" / "sql" / "adapter_config.json").is_file()
-
-    archive.write_bytes(adapter_archive({**ADAPTER, "../escape.txt": b"x"}))
-    with pytest.raises(PermanentError, match="archive"):
-        _extract(archive, tmp_path / "evil")
-    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "evil").exists()
-
-    archive.write_bytes(b"not gzip at all")
-    with pytest.raises(PermanentError, match=r"not a \.tar\.gz"):
-        _extract(archive, tmp_path / "junk")
-
-
 @pytest.fixture
 def adapter_server(tmp_path: Path, serve_directory) -> tuple[str, list[str]]:
     (tmp_path / "sql.tar.gz").write_bytes(adapter_archive(ADAPTER))
     return serve_directory(tmp_path)
 
 
+def task_for(tmp_path: Path, allowed: frozenset[str] = frozenset()) -> TaskContext:
+    """A task whose sources resolve through a real download cache, as in a worker."""
+    cache = ArtifactCache(FetchSettings(cache_dir=tmp_path / "cache", allowed_hosts=allowed))
+    spec = parse_task({"spec": {"taskType": "inference"}})
+    return TaskContext(
+        task_id="t1", attempt=1, spec=spec, work_dir=tmp_path / "work", resolve=cache.resolve
+    )
+
+
 def test_an_adapter_url_is_downloaded_once_and_cached(adapter_server, tmp_path: Path) -> None:
     url, requests = adapter_server
-    ex = VllmInferenceExecutor(adapter_cache=tmp_path / "cache")
+    ex = VllmInferenceExecutor()
+    task = task_for(tmp_path, frozenset({"127.0.0.1"}))
     lora = body({"lora": {"identifier": f"{url}/sql.tar.gz"}}).model.lora  # type: ignore[union-attr]
 
     async def main() -> None:
-        (path, rank), again = await asyncio.gather(ex._adapter(lora), ex._adapter(lora))
+        (path, rank), again = await asyncio.gather(ex._adapter(task, lora), ex._adapter(task, lora))
         assert again == (path, rank) and rank == 8
         assert (path / "adapter_config.json").is_file() and path.name == "sql"
         missing = body({"lora": {"identifier": f"{url}/nope.tar.gz"}}).model.lora  # type: ignore[union-attr]
         with pytest.raises(PermanentError, match="404"):
-            await ex._adapter(missing)
+            await ex._adapter(task, missing)
 
     asyncio.run(main())
     assert requests.count("/sql.tar.gz") == 1
-    assert not list((tmp_path / "cache").glob("*.tar.gz"))  # the download is not kept
+
+
+def test_an_adapter_url_off_the_allow_list_is_refused_unfetched(
+    adapter_server, tmp_path: Path
+) -> None:
+    url, requests = adapter_server
+    lora = body({"lora": {"identifier": f"{url}/sql.tar.gz"}}).model.lora  # type: ignore[union-attr]
+    with pytest.raises(PermanentError, match="ARTIFACT_ALLOWED_HOSTS"):
+        asyncio.run(VllmInferenceExecutor()._adapter(task_for(tmp_path), lora))
+    assert requests == []
 
 
 def test_a_local_adapter_must_exist(tmp_path: Path) -> None:
     ex = VllmInferenceExecutor()
     lora = body({"lora": {"identifier": str(tmp_path / "none")}}).model.lora  # type: ignore[union-attr]
     with pytest.raises(PermanentError, match="not found"):
-        asyncio.run(ex._adapter(lora))
+        asyncio.run(ex._adapter(task_for(tmp_path), lora))
 
 
 def test_options_models_need_no_vllm() -> None:
