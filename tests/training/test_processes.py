@@ -16,6 +16,17 @@ from executors.trl.runner import TrainingStopped
 from tests.training.conftest import DPO_ITEMS, FAST, SFT_ITEMS, MakeRun, Run
 
 
+def _trainers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "executors.trl" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
+
+
 def test_cancel_stops_the_trainer(make_run: MakeRun) -> None:
     def cancel_on_first_step(run: Run, fields: dict[str, Any]) -> None:
         if fields.get("step", 0) >= 1:
@@ -26,7 +37,8 @@ def test_cancel_stops_the_trainer(make_run: MakeRun) -> None:
     )
     with pytest.raises(TrainingStopped):
         run.executor.run(run.ctx)
-    assert psutil.Process().children(recursive=True) == []
+    # No trainer (or torchrun rank) is left; the suite's own Redis server may be a child.
+    assert _trainers() == []
     # Checkpoint uploads still queued are dropped, not waited for.
     assert (run.checkpoints.discarded, run.checkpoints.flushed) == (1, 0)
     assert not (run.ctx.artifacts_dir / "final_lora").exists()

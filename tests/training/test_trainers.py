@@ -138,3 +138,34 @@ def test_ppo_trains_and_checkpoints(make_run: MakeRun, tiny_llama: Path) -> None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
     assert (checkpoint / "value_head.pt").is_file() and (checkpoint / "optimizer.pt").is_file()
     assert [r["step"] for r in run.reports if "loss" in r] == [1, 2]
+
+
+def test_checkpoint_load_trains_an_adapter_further_from_its_archive(
+    lora_run: tuple[Run, dict[str, Any]], make_run: MakeRun, tmp_path: Path
+) -> None:
+    # An earlier task's final_lora.tar.gz (here a local archive; a URL takes the same path
+    # through the worker's cache) is where the next training starts.
+    from safetensors.torch import load_file
+
+    from worker.artifacts.archive import ArchiveSettings, create_archive
+    from worker.artifacts.fetch import ArtifactCache, FetchSettings
+
+    first, _ = lora_run
+    adapter = first.ctx.artifacts_dir / "final_lora"
+    archive = create_archive(adapter, tmp_path / "archives", ArchiveSettings()).path
+    # A learning rate too small to move the weights: what comes out is what went in.
+    run = make_run(
+        "lora_sft",
+        {**FAST, "max_steps": 1, "learning_rate": 1e-12},
+        SFT_ITEMS,
+        checkpoint=str(archive),
+    )
+    run.ctx.resolve = ArtifactCache(FetchSettings(cache_dir=tmp_path / "cache")).resolve
+    result = run.executor.run(run.ctx)
+    assert result["final_dir"] == "final_lora" and result["global_step"] == 1
+    before = load_file(adapter / "adapter_model.safetensors")
+    after = load_file(run.ctx.artifacts_dir / "final_lora" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    trained = [k for k in before if "lora_B" in k]
+    assert trained and all(before[k].abs().sum() > 0 for k in trained)  # not a fresh adapter
+    assert all((before[k] - after[k]).abs().max() < 1e-6 for k in before)
