@@ -254,6 +254,13 @@ def test_local_inputs(tmp_path: Path, server: Server) -> None:
     assert cache.resolve(str(data)) == data
     with pytest.raises(FetchError, match="does not exist"):
         cache.resolve(str(tmp_path / "nope"))
+    # A sha256 given for a local file is checked too; a directory has none to check.
+    good = hashlib.sha256(b"{}\n").hexdigest()
+    assert cache.resolve(str(data), good) == data
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        cache.resolve(str(data), "0" * 64)
+    with pytest.raises(FetchError, match="is a directory: a sha256 checks a file"):
+        cache.resolve(str(folder), good)
 
     path, sha = lora_archive(tmp_path, tmp_path / "archives", fmt="tar")
     top = cache.resolve(str(path))
@@ -279,3 +286,22 @@ def test_unsafe_download_is_refused_and_not_cached(tmp_path: Path, server: Serve
     assert isinstance(err.value.__cause__, UnsafeArchive)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["locks", "tmp"]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_killed_processs_partial_downloads_are_swept(tmp_path: Path, server: Server) -> None:
+    import os
+    import time
+
+    root = tmp_path / "cache"
+    (root / "tmp").mkdir(parents=True)
+    old_part, new_part = root / "tmp" / "a.part", root / "tmp" / "b.part"
+    old_dir = root / ".abc.x.part"
+    for p in (old_part, new_part):
+        p.write_bytes(b"half")
+    old_dir.mkdir()
+    hour_ago = time.time() - 3700
+    for p in (old_part, old_dir):
+        os.utime(p, (hour_ago, hour_ago))
+    cache_for(tmp_path, server)
+    assert not old_part.exists() and not old_dir.exists()
+    assert new_part.exists()  # perhaps another process's download in progress

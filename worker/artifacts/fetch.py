@@ -140,6 +140,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+# A partial download or extraction this old was left by a process that died.
+STALE_SEC = 3600
+
+
 class ArtifactCache:
     def __init__(self, settings: FetchSettings):
         self.settings = settings
@@ -153,6 +157,19 @@ class ArtifactCache:
                     f"ORCHESTRATOR_BASE_URL {settings.orchestrator_url!r} is not an http(s) URL"
                 ) from None
         self._allowed = [_host_entry(h) for h in settings.allowed_hosts if h.strip()]
+        self._sweep_stale()
+
+    def _sweep_stale(self) -> None:
+        """Downloads and extractions a killed process left half done (older than an hour:
+        a live one's are younger, or still growing)."""
+        cutoff = time.time() - STALE_SEC
+        for leftover in [*self.root.glob("tmp/*.part"), *self.root.glob(".*.part")]:
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink()
 
     def resolve(self, source: str, sha256: str | None = None) -> Path:
         expected = sha256.strip().lower() if sha256 else None
@@ -168,10 +185,16 @@ class ArtifactCache:
     # -- local paths ---------------------------------------------------------------------
     def _local(self, path: Path, expected: str | None) -> Path:
         if path.is_dir():
+            if expected is not None:
+                raise FetchError(
+                    f"{str(path)!r} is a directory: a sha256 checks a file or an archive"
+                )
             return path
         if not path.is_file():
             raise FetchError(f"input {str(path)!r} does not exist")
         if not is_archive_name(path.name):
+            if expected is not None and (digest := file_sha256(path)) != expected:
+                raise FetchError(f"sha256 mismatch for {path}: expected {expected}, got {digest}")
             return path
         st = path.stat()
         # Hashing a large archive takes seconds: remember it for this very file version.
