@@ -157,20 +157,15 @@ class Attempts:
     async def _write_progress(self, r: Attempt) -> None:
         try:
             while r.progress is not None and self.running.get(r.delivery.task_id) is r:
-                fields, r.progress = r.progress, None
-                try:
-                    await self.store.progress(
-                        self.worker_id, r.delivery.task_id, r.delivery.attempt, fields
-                    )
-                except RedisError as exc:  # progress is advisory: the next one may land
-                    log.debug("task %s: progress not written: %s", r.delivery.task_id, exc)
+                await self._last_progress(r)
                 await asyncio.sleep(PROGRESS_SEC)
         finally:
             r.progress_writer = False
 
     async def _last_progress(self, r: Attempt) -> None:
-        """The report the writer had not yet written (it writes at most every PROGRESS_SEC):
-        written before the end is recorded, so a finished task shows where it ended."""
+        """Write the report not yet written. Also called right before the end is recorded
+        (the writer writes at most every PROGRESS_SEC), so a finished task shows where it
+        ended."""
         fields, r.progress = r.progress, None
         if fields is None:
             return
@@ -178,8 +173,8 @@ class Attempts:
             await self.store.progress(
                 self.worker_id, r.delivery.task_id, r.delivery.attempt, fields
             )
-        except RedisError as exc:
-            log.debug("task %s: last progress not written: %s", r.delivery.task_id, exc)
+        except RedisError as exc:  # progress is advisory: the next one may land
+            log.debug("task %s: progress not written: %s", r.delivery.task_id, exc)
 
     # -- running -----------------------------------------------------------------------
     async def handle(self, r: Attempt) -> None:

@@ -45,7 +45,7 @@ from flowmesh.spec import TaskSpec
 from worker.artifacts.checkpoints import TaskCheckpoints
 from worker.artifacts.config import ArtifactsConfig
 from worker.artifacts.fetch import ArtifactCache
-from worker.artifacts.publish import FINAL_DIRS, check_destination, publish, wants_http
+from worker.artifacts.publish import check_destination, final_dirs, publish, wants_http
 from worker.outputs import attempt_dir, finalise, summary
 
 # A busy child's replies go back in batches of up to LINGER_BATCH, a finished result
@@ -448,11 +448,11 @@ def child_main(
         with contextlib.suppress(OSError, ValueError):
             send(("progress", req_id, fields))
 
-    def published(ctx: TaskContext, result: Any) -> Any:
+    def published(req: Request, ctx: TaskContext, result: Any) -> Any:
         """The result with the run's final directories archived (and uploaded)."""
         if artifacts is None:
             return result
-        return publish(ctx, result, artifacts, Path(ctx.work_dir).parent.parent, ctx.log)
+        return publish(ctx, result, artifacts, Path(req.task_dir))
 
     def hand_over(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
         """Give the finisher a task's outcome, whatever it is; once per request."""
@@ -570,7 +570,7 @@ def child_main(
         task_logs.open_task(req.req_id)
         try:
             ctx = context(req)
-            result = published(ctx, executor.run(ctx))
+            result = published(req, ctx, executor.run(ctx))
         except BaseException as exc:  # every failure goes back to the parent, typed
             error = describe_failure(exc)
         finally:
@@ -591,8 +591,8 @@ def child_main(
                 task_logs.open_task(req.req_id)
                 ctx = context(req)
                 result = await executor.arun(ctx)
-                if any((ctx.artifacts_dir / d).is_dir() for d in FINAL_DIRS):
-                    result = await asyncio.to_thread(published, ctx, result)
+                if final_dirs(ctx):  # off the event loop: archiving takes a while
+                    result = await asyncio.to_thread(published, req, ctx, result)
         except asyncio.CancelledError as exc:
             ex = execution_of.get(req.req_id)
             stop = ex.cancelled if ex is not None else cancels.get(req.req_id)

@@ -40,12 +40,10 @@ def attempt_dir(task_dir: Path | str, attempt: int) -> Path:
     return Path(task_dir) / ATTEMPTS / str(attempt)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, as hex (manifests, archives, uploads, downloads)."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _write(path: str, data: bytes) -> None:
@@ -155,7 +153,7 @@ def _manifest(root: str, responses: dict[str, Any], data: bytes, listing: bool) 
     kept: list[int] = []
     if listing:
         for rel, path in _files(root, skip=frozenset({RESPONSES, MANIFEST, ATTEMPTS})):
-            files.append({"path": rel, "size": os.path.getsize(path), "sha256": _sha256(path)})
+            files.append({"path": rel, "size": os.path.getsize(path), "sha256": file_sha256(path)})
         files.sort(key=lambda f: str(f["path"]))
         attempts = os.path.join(root, ATTEMPTS)
         if os.path.isdir(attempts):

@@ -29,11 +29,10 @@ class ArtifactsConfig:
         base_url = env_str(env, "ORCHESTRATOR_BASE_URL").rstrip("/")
         token = env_str(env, "FLOWMESH_WORKER_TOKEN") or None
         cache = env_str(env, "ARTIFACT_CACHE_DIR")
+        default = ExtractLimits()
         limits = ExtractLimits(
-            max_bytes=env_bytes(env, "ARTIFACT_MAX_EXTRACT_BYTES") or ExtractLimits().max_bytes,
-            max_files=env_int(
-                env, "ARTIFACT_MAX_EXTRACT_FILES", ExtractLimits().max_files, minimum=1
-            ),
+            max_bytes=env_bytes(env, "ARTIFACT_MAX_EXTRACT_BYTES") or default.max_bytes,
+            max_files=env_int(env, "ARTIFACT_MAX_EXTRACT_FILES", default.max_files, minimum=1),
         )
         fetch = FetchSettings(
             cache_dir=Path(cache).resolve() if cache else results_dir / ".artifact-cache",

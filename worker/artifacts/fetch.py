@@ -35,6 +35,7 @@ import httpx
 
 from flowmesh.errors import FlowMeshError
 from worker.artifacts.extract import ExtractError, ExtractLimits, UnsafeArchive, extract_archive
+from worker.outputs import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,6 @@ def _sniff_archive(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(262)
     return head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd" or head[257:262] == b"ustar"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

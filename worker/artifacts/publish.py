@@ -13,7 +13,6 @@ with HTTP also `<d>_archive_url`; and `archives.<d>` with how it was made and se
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +43,18 @@ def check_destination(ctx: TaskContext, config: ArtifactsConfig | None) -> None:
         )
 
 
-def publish(
-    ctx: TaskContext,
-    result: Any,
-    config: ArtifactsConfig,
-    task_dir: Path,
-    log: logging.Logger | logging.LoggerAdapter[logging.Logger],
-) -> Any:
-    finals = [d for d in FINAL_DIRS if (ctx.artifacts_dir / d).is_dir()]
+def final_dirs(ctx: TaskContext) -> list[str]:
+    """The final directories the run wrote, of FINAL_DIRS."""
+    return [d for d in FINAL_DIRS if (ctx.artifacts_dir / d).is_dir()]
+
+
+def publish(ctx: TaskContext, result: Any, config: ArtifactsConfig, task_dir: Path) -> Any:
+    """`result` with the run's final directories archived (and uploaded) and where they
+    are; as it is when the run wrote none. `task_dir`: RESULTS_DIR/<task_id>."""
+    finals = final_dirs(ctx)
     if not finals:
         return result
+    log = ctx.log
     out: dict[str, Any] = dict(result) if isinstance(result, dict) else {"value": result}
     archives: dict[str, Any] = dict(out.get("archives") or {})
     for name in finals:

@@ -8,7 +8,6 @@ the orchestrator's own words; running out of tries raises UploadFailed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import httpx
 
 from flowmesh.config import Env, env_bytes, env_float, env_int, env_str
 from flowmesh.errors import ConfigError, FlowMeshError
+from worker.outputs import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class UploadInfo:
     seconds: float  # the whole call: hashing, every try and the waits between them
     tries: int
     bytes_per_sec: float  # the rate of the try that succeeded
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _body(path: Path, size: int, rate: int | None) -> Iterator[bytes]:
