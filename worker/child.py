@@ -452,7 +452,7 @@ def child_main(
         """The result with the run's final directories archived (and uploaded)."""
         if artifacts is None:
             return result
-        return publish(ctx, result, artifacts, Path(req.task_dir))
+        return publish(ctx, result, artifacts, Path(req.task_dir), cache)
 
     def hand_over(req: Request, started_at: float, t0: float, result: Any, error: Any) -> None:
         """Give the finisher a task's outcome, whatever it is; once per request."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import socket
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -305,3 +308,98 @@ def test_a_killed_processs_partial_downloads_are_swept(tmp_path: Path, server: S
     cache_for(tmp_path, server)
     assert not old_part.exists() and not old_dir.exists()
     assert new_part.exists()  # perhaps another process's download in progress
+
+
+def closed_origin() -> str:
+    """An http origin on this host where nothing listens: any request there fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every entry under `root`: files with their bytes, directories as None."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_an_adopted_archive_resolves_as_its_download_would_without_one(
+    tmp_path: Path, server: Server
+) -> None:
+    made = tmp_path / "build" / "final_lora"
+    (made / "sub").mkdir(parents=True)
+    (made / "sub" / "tokenizer.json").write_text("{}")
+    archive, sha = lora_archive(tmp_path, server.root)
+    downloaded = cache_for(tmp_path, server, cache_dir=tmp_path / "downloads").resolve(
+        f"{server.url}/final_lora.tar.gz"
+    )
+
+    origin = closed_origin()
+    url = f"{origin}/api/v1/results/train-1/files/final_lora.tar.gz"
+    for extracted in (made, None):  # the directory linked in, or the archive extracted
+        root = tmp_path / f"cache-{extracted is None}"
+        cache = cache_for(tmp_path, server, cache_dir=root, orchestrator_url=origin)
+        cache.adopt(url, sha, archive, extracted)
+        got = cache.resolve(url)
+        assert got.relative_to(root) == downloaded.relative_to(tmp_path / "downloads")
+        assert tree(got) == tree(downloaded) == tree(made)
+        assert cache.resolve(url, sha) == got
+        # Adopting again changes nothing; another process finds it on disk too.
+        cache.adopt(url, sha, archive, extracted)
+        again = cache_for(tmp_path, server, cache_dir=root, orchestrator_url=origin)
+        assert again.resolve(url) == got and tree(got) == tree(made)
+        assert not list(root.glob(".*.part"))
+    linked = tmp_path / "cache-False" / sha / "final_lora" / "adapter_model.bin"
+    assert linked.stat().st_ino == (made / "adapter_model.bin").stat().st_ino
+    assert server.gets("/final_lora.tar.gz") == 1  # the one real download above
+
+
+def test_an_adopted_url_with_another_expected_sha_is_fetched_again(tmp_path: Path) -> None:
+    archive, sha = lora_archive(tmp_path, tmp_path / "out")
+    origin = closed_origin()
+    url = f"{origin}/api/v1/results/train-1/files/final_lora.tar.gz"
+    cache = ArtifactCache(FetchSettings(cache_dir=tmp_path / "cache", orchestrator_url=origin))
+    cache.adopt(url, sha, archive, tmp_path / "build" / "final_lora")
+    # As for a cached download: another digest is not taken from the cache but fetched,
+    # and here nothing answers.
+    with pytest.raises(FetchError, match="failed: ConnectError") as err:
+        cache.resolve(url, "2" * 64)
+    assert err.value.retryable
+    assert cache.resolve(url, sha).name == "final_lora"
+
+
+def test_linking_falls_back_to_copying(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive, sha = lora_archive(tmp_path, tmp_path / "out")
+    made = tmp_path / "build" / "final_lora"
+
+    def cross_device(src: str, dst: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    origin = closed_origin()
+    url = f"{origin}/final_lora.tar.gz"
+    cache = ArtifactCache(FetchSettings(cache_dir=tmp_path / "cache", orchestrator_url=origin))
+    cache.adopt(url, sha, archive, made)
+    got = cache.resolve(url)
+    assert tree(got) == tree(made)
+    assert (got / "adapter_model.bin").stat().st_ino != (made / "adapter_model.bin").stat().st_ino
+
+
+def test_a_failed_adoption_is_logged_and_costs_a_download_only(
+    tmp_path: Path, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive, sha = lora_archive(tmp_path, server.root)
+    url = f"{server.url}/final_lora.tar.gz"
+    cache = cache_for(tmp_path, server)
+    cache.adopt(url, sha, tmp_path / "gone.tar.gz")
+    cache.adopt(url, sha, archive, tmp_path / "gone")
+    cache.adopt(url, "not-a-digest", archive)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3
+    assert all("could not keep" in w for w in warnings)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["locks"]
+    assert cache.resolve(url) == tmp_path / "cache" / sha / "final_lora"
+    assert server.gets("/final_lora.tar.gz") == 1

@@ -5,6 +5,10 @@ Only the orchestrator's origin and ARTIFACT_ALLOWED_HOSTS may be fetched (checke
 any connection; redirects are not followed), and the bearer token goes to the orchestrator
 only. Every download is hashed and checked against what the caller and the server say.
 
+An archive this worker made and uploaded itself is adopted (`adopt`): its URL resolves
+to a local copy laid out as a download would give, hard-linked from the directory it was
+made of, with no download.
+
 Cache layout (safe for several processes at once: flock per entry, rename into place):
     <sha256>/         an extracted archive, or the one downloaded file
     <sha256>.json     {"kind": "archive"|"file", "path": what resolve returns, relative}
@@ -34,7 +38,13 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from flowmesh.errors import FlowMeshError
-from worker.artifacts.extract import ExtractError, ExtractLimits, UnsafeArchive, extract_archive
+from worker.artifacts.extract import (
+    ExtractError,
+    ExtractLimits,
+    UnsafeArchive,
+    extract_archive,
+    top_level,
+)
 from worker.outputs import file_sha256
 
 log = logging.getLogger(__name__)
@@ -123,6 +133,16 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     part.write_text(json.dumps(value))
     os.replace(part, path)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """A hard link where the file system allows one (no copy of a model's gigabytes), else
+    a copy (the cache on another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -227,7 +247,7 @@ class ArtifactCache:
         found = self._known(key, expected)
         if found is not None:
             return found
-        with self._lock(f"url-{hashlib.sha256(key.encode()).hexdigest()}"):
+        with self._url_lock(key):
             found = self._known(key, expected)  # another process may just have fetched it
             if found is not None:
                 return found
@@ -323,6 +343,34 @@ class ArtifactCache:
         if length and length.isdigit() and int(length) > limit:
             raise FetchError(f"GET {shown(url)}: {length} bytes is over max_bytes={limit}")
 
+    # -- archives this worker made --------------------------------------------------------
+    def adopt(self, url: str, sha256: str, archive: Path, extracted: Path | None = None) -> None:
+        """Record that `url` holds `archive` (content `sha256`), which this worker made and
+        uploaded there, so that resolve(url) needs no download. `extracted`: the directory
+        the archive was made of, linked into the cache as extracting the archive would lay
+        it out; without it, the archive is extracted. A failure is logged, never raised:
+        it costs a later download at most."""
+        try:
+            digest = sha256.strip().lower()
+            if not SHA256.match(digest):
+                raise FetchError(f"sha256 must be 64 hex digits, got {sha256!r}")
+            key = f"url:{url}"
+            with self._url_lock(key):  # as a download of this URL takes
+                self._store(
+                    digest, archive, archive.name, archive=True, keep_source=True, tree=extracted
+                )
+                self._remember(key, digest)
+        except Exception as exc:  # the cache saves a download; the task must not fail for it
+            log.warning(
+                "could not keep %s in the artifact cache for %s: %s: %s",
+                archive.name,
+                shown(url),
+                type(exc).__name__,
+                exc,
+            )
+            return
+        log.info("cached %s as %s (made here, no download)", shown(url), digest[:12])
+
     # -- the cache -----------------------------------------------------------------------
     def cached(self, digest: str) -> Path | None:
         """What resolve returns for content `digest`, if the cache holds it complete."""
@@ -350,8 +398,18 @@ class ArtifactCache:
         return self.root / "urls" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     def _store(
-        self, digest: str, file: Path, name: str, *, archive: bool, keep_source: bool
+        self,
+        digest: str,
+        file: Path,
+        name: str,
+        *,
+        archive: bool,
+        keep_source: bool,
+        tree: Path | None = None,
     ) -> Path:
+        """Put content `digest` into the cache once: `file` extracted (an archive) or
+        moved/copied in, or, given `tree` (the directory the archive `file` was made of),
+        that tree linked in the same layout extracting `file` would give."""
         with self._lock(digest):
             found = self.cached(digest)
             if found is not None:
@@ -360,7 +418,10 @@ class ArtifactCache:
             if entry.exists():  # a process died before writing the entry's .json
                 shutil.rmtree(entry)
             started = time.monotonic()
-            if archive:
+            if tree is not None:
+                result = _link_tree(tree, entry)
+                log.info("linked %s into %s in %.2fs", tree, result, time.monotonic() - started)
+            elif archive:
                 try:
                     result = extract_archive(file, entry, self.settings.limits)
                 except (ExtractError, UnsafeArchive) as exc:
@@ -386,6 +447,9 @@ class ArtifactCache:
             )
             return result
 
+    def _url_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return self._lock(f"url-{hashlib.sha256(key.encode()).hexdigest()}")
+
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
         locks = self.root / "locks"
@@ -396,3 +460,19 @@ class ArtifactCache:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _link_tree(src: Path, entry: Path) -> Path:
+    """`src` laid out in the new directory `entry` as extracting its archive would
+    (`entry/<src name>/...`, as create_archive names the members), staged beside it and
+    renamed into place; returns what extract_archive would."""
+    if not src.is_dir():
+        raise FetchError(f"{src} is not a directory")
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".part", dir=entry.parent))
+    try:
+        shutil.copytree(src, staging / src.name, symlinks=True, copy_function=_link_or_copy)
+        os.rename(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return top_level(entry)

@@ -9,6 +9,8 @@ Result fields, for each final directory `<d>` (final_model, final_lora) the run 
 `<d>_path` and `<d>_archive_path` (absolute, where they are once the attempt's files are
 the task's: RESULTS_DIR/<task_id>/artifacts/), `<d>_archive_sha256`, `<d>_archive_size`,
 with HTTP also `<d>_archive_url`; and `archives.<d>` with how it was made and sent.
+An uploaded archive goes into the worker's artifact cache too, so a later task here that
+takes its URL as input (a pipeline's next stage) finds it without a download.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from executors.base import ExecutorError, PermanentError, RetryableError, TaskContext
 from worker.artifacts.archive import create_archive
 from worker.artifacts.config import ArtifactsConfig
+from worker.artifacts.fetch import ArtifactCache
 from worker.artifacts.upload import UploadError, UploadRefused, upload_file
 
 FINAL_DIRS = ("final_model", "final_lora")
@@ -48,9 +51,16 @@ def final_dirs(ctx: TaskContext) -> list[str]:
     return [d for d in FINAL_DIRS if (ctx.artifacts_dir / d).is_dir()]
 
 
-def publish(ctx: TaskContext, result: Any, config: ArtifactsConfig, task_dir: Path) -> Any:
+def publish(
+    ctx: TaskContext,
+    result: Any,
+    config: ArtifactsConfig,
+    task_dir: Path,
+    cache: ArtifactCache | None = None,
+) -> Any:
     """`result` with the run's final directories archived (and uploaded) and where they
-    are; as it is when the run wrote none. `task_dir`: RESULTS_DIR/<task_id>."""
+    are; as it is when the run wrote none. `task_dir`: RESULTS_DIR/<task_id>. `cache`:
+    the worker's artifact cache, which adopts each uploaded archive."""
     finals = final_dirs(ctx)
     if not finals:
         return result
@@ -99,6 +109,8 @@ def publish(ctx: TaskContext, result: Any, config: ArtifactsConfig, task_dir: Pa
                 # attempt resumes from the final checkpoint (with save_steps) and uploads.
                 raise RetryableError(f"upload of {info.path.name} failed: {exc}") from exc
             out[f"{name}_archive_url"] = sent.url
+            if cache is not None:
+                cache.adopt(sent.url, info.sha256, info.path, ctx.artifacts_dir / name)
             entry["upload"] = {
                 "seconds": round(sent.seconds, 3),
                 "bytes_per_sec": round(sent.bytes_per_sec),
