@@ -49,6 +49,35 @@ from flowmesh.spec import TaskBody, TaskSpec, field_path
 Isolation = Literal["shared", "task"]
 
 
+# Result fields the worker adds to any executor's: `executed_by`, on the result of a task
+# that an identical one ran for (task merge).
+WORKER_RESULT_FIELDS = frozenset({"executed_by"})
+# What an `inference` engine's result has, on either engine (`lora`: with an adapter;
+# `engine`, `timings`: vLLM's).
+INFERENCE_RESULT_FIELDS = frozenset(
+    {
+        "model",
+        "engine",
+        "device",
+        "dtype",
+        "responses",
+        "usage",
+        "elapsed_sec",
+        "load_sec",
+        "warm",
+        "cancelled",
+        "timings",
+        "lora",
+    }
+)
+# What publishing a run's final_model/ or final_lora/ adds (worker/artifacts/publish.py).
+ARTIFACT_RESULT_FIELDS = frozenset(
+    f"{final}_{suffix}"
+    for final in ("final_model", "final_lora")
+    for suffix in ("path", "archive_path", "archive_sha256", "archive_size", "archive_url")
+) | {"archives"}
+
+
 class ExecutorError(Exception):
     """A task failed inside its executor. `kind` is recorded with the failure."""
 
@@ -206,6 +235,10 @@ class Executor(ABC):
     # Whether it reads `spec.checkpoint.load` (weights to start from); one that does not
     # refuses a spec that sets it.
     takes_checkpoint: ClassVar[bool] = False
+    # The top-level fields of the result `run` returns, for pipelines to check a template
+    # such as `${train.result.final_lora_archive_url}` at submit; None: not declared (a
+    # plugin's), so templates reading its result are checked only when they resolve.
+    result_fields: ClassVar[frozenset[str] | None] = None
 
     @classmethod
     def options_section(cls) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from executors.base import (
+    INFERENCE_RESULT_FIELDS,
     Executor,
     ExecutorConfig,
     ExecutorError,
@@ -161,6 +162,7 @@ def local_source(task: TaskContext, identifier: str) -> str:
 
 class TransformersInferenceExecutor(Executor):
     name = "inference"
+    result_fields = INFERENCE_RESULT_FIELDS
     requires = ("torch", "transformers")
     extra = "inference"
     options = InferenceOptions
@@ -231,7 +233,12 @@ class TransformersInferenceExecutor(Executor):
         finally:
             self._lock.release()
         usage = {k: sum(r[k] for r in responses) for k in ("prompt_tokens", "completion_tokens")}
+        adapter = {}
+        if body.model.lora is not None and lora is not None:
+            # As the vLLM executor names it: its `name`, else its directory's.
+            adapter = {"lora": body.model.lora.name or Path(lora).name}
         return {
+            **adapter,
             "model": identifier,
             "device": loaded.device,
             "dtype": str(loaded.dtype).removeprefix("torch."),

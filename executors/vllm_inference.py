@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from executors.base import (
+    INFERENCE_RESULT_FIELDS,
     Executor,
     ExecutorConfig,
     ExecutorError,
@@ -292,6 +293,7 @@ class VllmInferenceExecutor(Executor):
     """
 
     name = "vllm"
+    result_fields = INFERENCE_RESULT_FIELDS
     section = "inference"
     requires = ("vllm",)
     extra = "vllm"

@@ -6,8 +6,9 @@ from flowmesh.errors import ConfigError
 
 # Where a test may make FlowMesh pause (FLOWMESH_FAILPOINTS=name:seconds[,...]):
 # `before_settle`: a worker, after writing a result and before recording it;
-# `train_step`: a trainer, after every optimizer step (a training long enough to kill).
-FAILPOINTS = ("before_settle", "train_step")
+# `train_step`: a trainer, after every optimizer step (a training long enough to kill);
+# `pipeline_release`: the orchestrator, before it releases a pipeline stage.
+FAILPOINTS = ("before_settle", "train_step", "pipeline_release")
 
 
 def parse_failpoints(raw: str) -> dict[str, float]:

@@ -72,6 +72,26 @@ class Keys:
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}idempotency:{key}"
 
+    # -- pipelines -------------------------------------------------------------
+    def pipeline(self, pipeline_id: str) -> str:
+        """Hash: the pipeline's document, status, and one `stage:<name>` field per stage."""
+        return f"{self.prefix}pipeline:{pipeline_id}"
+
+    @property
+    def pipeline_seq(self) -> str:
+        return f"{self.prefix}pipelines:seq"
+
+    @property
+    def pipelines_all(self) -> str:
+        """Sorted set of every pipeline id, scored by submission sequence."""
+        return f"{self.prefix}pipelines:all"
+
+    @property
+    def pipelines_active(self) -> str:
+        """Set of pipelines not finished: the orchestrator re-evaluates each on start and
+        every FLOWMESH_PIPELINE_SCAN_SEC."""
+        return f"{self.prefix}pipelines:active"
+
     # -- events ----------------------------------------------------------------
     @property
     def events(self) -> str:

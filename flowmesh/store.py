@@ -40,6 +40,39 @@ class NewTask:
     score: float
     merge_key: str = ""
     identity: str = ""
+    prefer: frozenset[str] = frozenset()
+    prefer_why: str = ""
+
+    def queue_entry(self) -> QueueEntry:
+        return QueueEntry(
+            self.task_id,
+            self.requirements,
+            self.score,
+            merge_key=self.merge_key,
+            identity=self.identity,
+            prefer=self.prefer,
+            prefer_why=self.prefer_why,
+        )
+
+
+@dataclass(frozen=True)
+class StageRelease:
+    """A pipeline stage's tasks, stored by `TaskStore.submit` only while the stage is
+    `waiting` in a RUNNING pipeline, together with the stage's new record (which lists
+    `task_ids`). `for_each`: the tasks are items, numbered in the order given. `prefer`:
+    workers holding the stage's input (see QueueEntry.prefer)."""
+
+    pipeline_id: str
+    stage: str
+    task_ids: tuple[str, ...]
+    record_json: str
+    for_each: bool = False
+    prefer: frozenset[str] = frozenset()
+    prefer_why: str = ""
+
+
+class StageNotReleased(Exception):
+    """The stage was released before, or its pipeline is no longer RUNNING."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +161,10 @@ class QueueEntry:
     # tasks with one identity are the same request, run once. '' for none.
     merge_key: str = ""
     identity: str = ""
+    # Workers that hold the task's input (a pipeline stage's upstream artifact): preferred
+    # by placement after a warm model (a soft score), with `prefer_why` saying what it is.
+    prefer: frozenset[str] = frozenset()
+    prefer_why: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,24 +217,38 @@ class TaskStore:
         idempotency_key: str | None = None,
         ttl: int = 86_400,
         merge: list[tuple[str, str]] | None = None,
+        release: StageRelease | None = None,
     ) -> tuple[list[NewTask], list[str] | None]:
         """Store a batch of PENDING tasks all at once, or none of them: one script call.
 
         With an idempotency key seen before, nothing is stored: for the same request (the
         same `request_hash`) the ids created the first time are returned instead (second
         element; otherwise that is None); for a different one IdempotencyConflict is raised.
+        With `release`, the tasks are a pipeline stage's (its `task_ids`), stored only if
+        the stage is still waiting in a RUNNING pipeline, else StageNotReleased.
         """
         if not specs:
             return [], None
         k = self.keys
-        ids = [uuid.uuid4().hex for _ in specs]
+        ids = list(release.task_ids) if release else [uuid.uuid4().hex for _ in specs]
         requirements = [Requirements.of(spec.spec) for spec in specs]
         merge = merge or [("", "")] * len(specs)
         rows = []
-        for task_id, spec, req, (merge_key, identity) in zip(
-            ids, specs, requirements, merge, strict=True
+        for i, (task_id, spec, req, (merge_key, identity)) in enumerate(
+            zip(ids, specs, requirements, merge, strict=True)
         ):
             body = spec.spec
+            stage = (
+                [
+                    release.pipeline_id,
+                    release.stage,
+                    str(i) if release.for_each else "",
+                    ",".join(sorted(release.prefer)),
+                    release.prefer_why if release.prefer else "",
+                ]
+                if release
+                else []
+            )
             rows.append(
                 [
                     task_id,
@@ -212,6 +263,7 @@ class TaskStore:
                     req.executor,
                     merge_key,
                     identity,
+                    *stage,
                 ]
             )
         args = [
@@ -220,6 +272,8 @@ class TaskStore:
             json.dumps(ids) if idempotency_key else "",
             json.dumps(rows, ensure_ascii=False),
             request_hash(specs) if idempotency_key else "",
+            f"stage:{release.stage}" if release else "",
+            release.record_json if release else "",
         ]
         reply = await self._submit(
             keys=[
@@ -228,17 +282,21 @@ class TaskStore:
                 k.tasks_by_status(TaskStatus.PENDING),
                 k.pending_queue,
                 k.idempotency(idempotency_key or ""),
+                k.pipeline(release.pipeline_id) if release else k.pipeline(""),
                 *(k.task(t) for t in ids),
             ],
             args=args,
         )
+        if int(reply[0]) == -2:
+            raise StageNotReleased(str(reply[1]))
         if int(reply[0]) < 0:
             raise IdempotencyConflict(idempotency_key or "", list(json.loads(reply[1])))
         if not reply[0]:
             return [], list(json.loads(reply[1]))
         first, scores = int(reply[1]), reply[2]
+        prefer = (release.prefer, release.prefer_why) if release and release.prefer else ()
         return [
-            NewTask(task_id, first + i, spec, req, float(score), *keys)
+            NewTask(task_id, first + i, spec, req, float(score), *keys, *prefer)
             for i, (task_id, spec, req, score, keys) in enumerate(
                 zip(ids, specs, requirements, scores, merge, strict=True)
             )
@@ -322,13 +380,23 @@ class TaskStore:
                         "avoid_workers",
                         "merge_key",
                         "identity",
+                        "prefer",
+                        "prefer_why",
                     ],
                 )
             rows = await pipe.execute()
         out: list[QueueEntry | None] = []
-        for task_id, (status, req, score, retry_at, avoid, merge_key, identity) in zip(
-            task_ids, rows, strict=True
-        ):
+        for task_id, (
+            status,
+            req,
+            score,
+            retry_at,
+            avoid,
+            merge_key,
+            identity,
+            prefer,
+            prefer_why,
+        ) in zip(task_ids, rows, strict=True):
             if status != TaskStatus.PENDING.value or not req:
                 out.append(None)
                 continue
@@ -341,6 +409,8 @@ class TaskStore:
                     avoid=frozenset(a for a in (avoid or "").split(",") if a),
                     merge_key=merge_key or "",
                     identity=identity or "",
+                    prefer=frozenset(w for w in (prefer or "").split(",") if w),
+                    prefer_why=prefer_why or "",
                 )
             )
         return out
@@ -385,6 +455,14 @@ class TaskStore:
         for i, r in zip(order, reply, strict=True):
             out[i] = Outcome(True) if isinstance(r, int) else Outcome(False, str(r))
         return out
+
+    async def set_placed_because(self, reasons: list[tuple[str, str]]) -> None:
+        """Record why placement chose a task's worker, when a soft preference decided it
+        (locality: the worker holds its input)."""
+        async with self.conn.pipeline(transaction=False) as pipe:
+            for task_id, why in reasons:
+                pipe.hset(self.keys.task(task_id), "placed_because", why)
+            await pipe.execute()
 
     # -- worker: run -------------------------------------------------------------
     async def start(self, worker_id: str, attempts: list[tuple[str, int]]) -> list[Outcome]:
@@ -548,6 +626,16 @@ def decode_task(raw: dict[str, str]) -> dict[str, Any]:
         "progress": _loads(raw.get("progress")),
         "progress_at": num("progress_at"),
         "merge": _merge_view(raw, result),
+        "pipeline": (
+            {
+                "pipeline_id": raw["pipeline_id"],
+                "stage": raw.get("stage"),
+                "item": int(raw["item"]) if raw.get("item") else None,
+            }
+            if raw.get("pipeline_id")
+            else None
+        ),
+        "placed_because": raw.get("placed_because") or None,
         "active": status in ACTIVE,
         "spec": _loads(raw.get("spec")),
     }

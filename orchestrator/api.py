@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import re
 import time
@@ -14,22 +12,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from executors.base import Executor
-from executors.registry import entry_points_by_name, load
 from flowmesh import workers
 from flowmesh.failures import public_error
-from flowmesh.spec import INFERENCE_EXECUTORS, SpecError, TaskSpec, executor_name
+from flowmesh.pipeline import is_pipeline
+from flowmesh.spec import SpecError
 from flowmesh.status import TaskStatus
-from orchestrator.documents import BodyError, decode, validate
+from orchestrator import intake
+from orchestrator.documents import BodyError, decode, spec_error
 from orchestrator.fleet import Fleet
-from orchestrator.merge import merge_keys
+from orchestrator.pipelines.routes import submit_pipeline
 
 log = logging.getLogger(__name__)
 # Bodies larger than this are decoded and validated on a worker thread (see submit_tasks).
 OFFLOAD_BYTES = 1 << 20
 OFFLOAD_YAML_BYTES = 32 << 10
 router = APIRouter(prefix="/api/v1")
-VLLM_EXECUTOR = INFERENCE_EXECUTORS["vllm"]
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 _SUBMIT_BODY = {
@@ -54,63 +51,6 @@ _SUBMIT_BODY = {
 def fleet(request: Request) -> Fleet:
     value: Fleet = request.app.state.fleet
     return value
-
-
-@functools.cache
-def _executor(task_type: str) -> type[Executor] | None:
-    """The executor class installed here (for its options model and checks), or None
-    when it is a plugin only workers have: then its section is validated on the worker.
-    Cached per process, like the entry points it reads."""
-    if task_type not in entry_points_by_name():
-        return None
-    try:
-        return load(task_type)
-    except Exception as exc:  # a broken plugin: its workers check its sections instead
-        log.warning("executor %s: cannot load it here to validate its specs: %s", task_type, exc)
-        return None
-
-
-def _available_types(f: Fleet) -> set[str]:
-    """The task types a submitted spec may name: an executor installed where the
-    orchestrator runs (its `flowmesh.executors` entry points) or offered by a registered
-    worker (as the scheduler last read the fleet).
-
-    Why not the catalogue (CATALOG_TASK_TYPES) too: a type no executor exists for would be
-    stored and stay PENDING forever, accepted-then-ignored. So `sft` is refused, with a
-    hint that it is planned, until its executor ships. A type installed here but offered
-    by no worker yet is accepted: a worker with it may join, and meanwhile the task's
-    `reason` says that no registered worker can run it."""
-    available = set(entry_points_by_name())
-    for view in f.scheduler.workers.values():
-        available |= view.executors
-    return available
-
-
-def _settle_engine(f: Fleet) -> Callable[[TaskSpec], TaskSpec]:
-    """`spec.model.engine: auto`, settled into the stored spec: `vllm` when a registered
-    worker offers the vLLM executor (it offers it only where vLLM is installed and runs),
-    else `transformers`. The stored spec, shown in the task's status, names the engine."""
-    offered = any(VLLM_EXECUTOR in view.executors for view in f.scheduler.workers.values())
-    engine = "vllm" if offered else "transformers"
-
-    def settle(spec: TaskSpec) -> TaskSpec:
-        body = spec.spec
-        if body.taskType != "inference" or body.model is None or body.model.engine != "auto":
-            return spec
-        model = body.model.model_copy(update={"engine": engine})
-        return spec.model_copy(update={"spec": body.model_copy(update={"model": model})})
-
-    return settle
-
-
-def _spec_error(exc: SpecError) -> JSONResponse:
-    return JSONResponse(
-        status_code=422,
-        content={
-            "detail": str(exc),
-            "errors": [{"loc": path, "msg": msg} for path, msg in exc.problems],
-        },
-    )
 
 
 @router.post(
@@ -139,25 +79,19 @@ async def submit_tasks(request: Request) -> Any:
         if exc.problems:
             content["errors"] = [{"loc": path, "msg": msg} for path, msg in exc.problems]
         return JSONResponse(status_code=exc.status, content=content)
-    check = functools.partial(
-        validate,
-        max_batch=settings.max_batch,
-        available_types=_available_types(f),
-        executor_of=_executor,
-        resolve=_settle_engine(f),
-    )
-    try:
-        specs = await run(check, docs)
-    except SpecError as exc:
-        return _spec_error(exc)
     key = request.headers.get("idempotency-key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         return JSONResponse(
             status_code=422,
             content={"detail": "Idempotency-Key header: 1-200 letters, digits and -_.: only"},
         )
-    merge = [merge_keys(spec, _executor(executor_name(spec.spec))) for spec in specs]
-    tasks, existing = await f.submit(specs, key, merge)
+    if any(is_pipeline(doc) for doc in docs):
+        return await submit_pipeline(request, docs, key)
+    try:
+        specs = await run(intake.checker(f, settings.max_batch), docs)
+    except SpecError as exc:
+        return spec_error(exc)
+    tasks, existing = await f.submit(specs, key, intake.merge_keys_of(specs))
     if existing is not None:
         # Seen before: the first request's tasks as they are now; nothing new is stored.
         rows = await f.store.get_many(existing)
@@ -207,17 +141,15 @@ async def get_task(
     ),
 ) -> Any:
     f = fleet(request)
-    deadline = time.monotonic() + wait
-    while True:
-        with f.watch(task_id) as ended:
-            task = await f.store.get(task_id)
-            if task is None:
-                raise HTTPException(404, f"no task with id {task_id!r}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or TaskStatus(task["status"]).terminal:
-                return _public(f, task)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended, min(remaining, 0.5))
+
+    async def read() -> dict[str, Any]:
+        task = await f.store.get(task_id)
+        if task is None:
+            raise HTTPException(404, f"no task with id {task_id!r}")
+        return task
+
+    task = await f.waiters.poll(task_id, read, lambda t: TaskStatus(t["status"]).terminal, wait)
+    return _public(f, task)
 
 
 @router.get("/tasks/{task_id}/result", summary="The executor's output of a finished task")

@@ -22,6 +22,8 @@ from flowmesh.store import IdempotencyConflict
 from orchestrator.api import router
 from orchestrator.auth import AccessLog, BodyLimit, TokenAuth
 from orchestrator.fleet import Fleet
+from orchestrator.pipelines.routes import router as pipelines_router
+from orchestrator.pipelines.runner import PipelineRunner
 from orchestrator.results import ResultsDir, retention_loop
 from orchestrator.results import router as results_router
 from orchestrator.settings import OrchestratorSettings
@@ -65,8 +67,13 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             idempotency_ttl=settings.idempotency_ttl,
         )
         fleet.scheduler.warm_routing = settings.warm_routing
+        pipelines = PipelineRunner(
+            fleet, scan_sec=settings.pipeline_scan_sec, idempotency_ttl=settings.idempotency_ttl
+        )
         await fleet.start()
+        await pipelines.start()
         app.state.fleet = fleet
+        app.state.pipelines = pipelines
         retention = asyncio.create_task(
             retention_loop(
                 conn,
@@ -92,6 +99,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await retention
+            await pipelines.stop()
             await fleet.stop()
             await conn.aclose()
 
@@ -109,6 +117,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
     app.state.results = ResultsDir(settings.results_dir)
     app.include_router(router)
     app.include_router(results_router)
+    app.include_router(pipelines_router)
     app.openapi = _with_task_spec_schema(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", summary="Liveness and Redis reachability (no auth)")

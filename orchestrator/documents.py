@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
+from fastapi.responses import JSONResponse
 from yaml.nodes import MappingNode, ScalarNode
 
 from executors.base import Executor
@@ -511,3 +512,13 @@ def validate(
     if problems:
         raise SpecError(problems[:100])
     return specs
+
+
+def spec_error(exc: SpecError) -> JSONResponse:
+    return JSONResponse(
+        status_code=422,
+        content={
+            "detail": str(exc),
+            "errors": [{"loc": path, "msg": msg} for path, msg in exc.problems],
+        },
+    )

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -27,9 +27,10 @@ from flowmesh.failures import FailureKind, delivery_loss_charged, failure, rule
 from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus
-from flowmesh.store import Ending, NewTask, QueueEntry, TaskStore
+from flowmesh.store import Ending, NewTask, StageRelease, TaskStore
 from orchestrator.merge import MergeKeys
 from orchestrator.scheduler import Scheduler, WorkerView
+from orchestrator.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ class Fleet:
         self._last_refresh = 0.0
         self._reasons: dict[Requirements, str] = {}
         self._loops: list[asyncio.Task[None]] = []
-        # Long-poll readers of a task (GET ?wait=), woken when its end event arrives.
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Long-poll readers of a task (GET ?wait=), woken when its end event (finished or
+        # cancelled) arrives here.
+        self.waiters = Waiters()
+        # Called with a pipeline's id when one of its tasks ended (the pipeline runner).
+        self.on_pipeline_event: Callable[[str], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -104,19 +108,15 @@ class Fleet:
         specs: list[TaskSpec],
         idempotency_key: str | None = None,
         merge: list[MergeKeys] | None = None,
+        release: StageRelease | None = None,
     ) -> tuple[list[NewTask], list[str] | None]:
         keys = [(m.merge_key, m.identity) for m in merge] if merge else None
         tasks, existing = await self.store.submit(
-            specs, idempotency_key, self.idempotency_ttl, keys
+            specs, idempotency_key, self.idempotency_ttl, keys, release
         )
         now = time.time()
         for t in tasks:
-            self.scheduler.add_pending(
-                QueueEntry(
-                    t.task_id, t.requirements, t.score, merge_key=t.merge_key, identity=t.identity
-                ),
-                now,
-            )
+            self.scheduler.add_pending(t.queue_entry(), now)
         self.wake()
         return tasks, existing
 
@@ -274,9 +274,12 @@ class Fleet:
                 outcomes = await self.store.dispatch(
                     [(p.task_id, p.worker_id, p.inbox, p.parent) for p in plan]
                 )
+                because: list[tuple[str, str]] = []
                 for p, outcome in zip(plan, outcomes, strict=True):
                     if outcome.ok:
                         placed += 1
+                        if p.why:
+                            because.append((p.task_id, f"{p.worker_id} {p.why}"))
                         continue
                     log.debug(
                         "placement of %s on %s refused: %s", p.task_id, p.worker_id, outcome.reason
@@ -285,6 +288,8 @@ class Fleet:
                     self.scheduler.undo(p, requeue=requeue)
                     if requeue:  # our snapshot of that worker was wrong: re-read it
                         self._refresh_now = True
+                if because:
+                    await self.store.set_placed_because(because)
             await self._record_reasons(blocked)
             if len(plan) < PLAN_BATCH or self._refresh_now:
                 if self._refresh_now:
@@ -357,15 +362,17 @@ class Fleet:
             kind = fields.get("type", "")
             if kind == EventType.TASK_FINISHED:
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
-                self._notify(fields["task_id"])
+                self.waiters.notify(fields["task_id"])
                 self.wake()
+                self._pipeline_event(fields)
             elif kind == EventType.TASK_RETRY:
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 requeued.append(fields["task_id"])
             elif kind == EventType.TASK_CANCELLED:
                 self.scheduler.discard_pending(fields["task_id"])
                 self.scheduler.forget_identity(fields["task_id"])
-                self._notify(fields["task_id"])
+                self.waiters.notify(fields["task_id"])
+                self._pipeline_event(fields)
             elif kind in REFRESH_ON:
                 self.wake(refresh=True)
         if requeued:
@@ -373,27 +380,10 @@ class Fleet:
             self.wake()
         await self.conn.xack(self.keys.events, EVENTS_GROUP, *[i for i, _ in entries])
 
-    # -- long poll ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def watch(self, task_id: str) -> Iterator[asyncio.Future[None]]:
-        """A future set when `task_id`'s end event (finished or cancelled) arrives here.
-        Watch before reading the task's state, so an end in between is not missed. Only
-        one orchestrator replica sees each event: a watcher should re-read its task now
-        and then (GET ?wait= does every half second)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(task_id, [])
-        waiters.append(future)
-        try:
-            yield future
-        finally:
-            waiters.remove(future)
-            if not waiters:
-                self._waiters.pop(task_id, None)
-
-    def _notify(self, task_id: str) -> None:
-        for future in self._waiters.get(task_id, ()):
-            if not future.done():
-                future.set_result(None)
+    def _pipeline_event(self, fields: dict[str, str]) -> None:
+        pipeline_id = fields.get("pipeline_id")
+        if pipeline_id and self.on_pipeline_event is not None:
+            self.on_pipeline_event(pipeline_id)
 
     def _longest_lease(self, intervals: list[float] | None = None) -> float:
         """The longest lease among registered workers (0 with none: nobody to protect)."""

@@ -34,6 +34,10 @@ ENVIRONMENT = [
     ("FLOWMESH_MAX_UPLOAD_BYTES", "largest artifact upload, e.g. 64Gi (default 64Gi)"),
     ("FLOWMESH_RESULTS_RETENTION_SEC", "keep a finished task's uploads this long (default 7 days)"),
     ("FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", "how often old uploads are swept (default 60)"),
+    (
+        "FLOWMESH_PIPELINE_SCAN_SEC",
+        "re-evaluate every unfinished pipeline from Redis this often (default 5)",
+    ),
 ]
 
 

@@ -3,7 +3,8 @@
 Hard filters: the worker offers the executor, has the tags, has the hardware
 (GPU count/type/VRAM, CPU, RAM), is alive and taking work, its executor for the
 task is ready (not starting, not failed), and it has a free slot.
-Soft score among those: model already loaded (warm) > lower load > lower cost.
+Soft score among those: model already loaded (warm) > holds the task's input (a
+pipeline stage's upstream artifact, `QueueEntry.prefer`) > lower load > lower cost.
 Queue order: priority, then age. Tasks with equal requirements share one queue,
 so one check decides for all of them and a blocked kind never holds up another.
 
@@ -43,6 +44,9 @@ ASSIGNED_TTL = 60.0
 SPILL_ROUNDS = 2
 # Longest a task waits for a warm worker that stays full while a cold one could start it.
 WARM_WAIT_SEC = 30.0
+
+# A worker's soft score (WorkerView.rank): warm, local, load, cost, id; lower is better.
+Rank = tuple[int, int, float, float, str]
 
 
 @dataclass(frozen=True)
@@ -163,10 +167,14 @@ class WorkerView:
             or model in self.assigned_models
         )
 
-    def rank(self, req: Requirements, warm_routing: bool = True) -> tuple[int, float, float, str]:
-        """Soft score, lower is better: warm model, then load, then cost."""
+    def rank(
+        self, req: Requirements, warm_routing: bool = True, prefer: frozenset[str] = frozenset()
+    ) -> Rank:
+        """Soft score, lower is better: warm model, then holds the task's input (is in
+        `prefer`), then load, then cost."""
         warm = 0 if warm_routing and self.warm(req.model) else 1
-        return (warm, self.running / self.slots, self.cost_per_hour, self.worker_id)
+        local = 0 if self.worker_id in prefer else 1
+        return (warm, local, self.running / self.slots, self.cost_per_hour, self.worker_id)
 
     def take(self, req: Requirements) -> None:
         self.version += 1
@@ -191,6 +199,9 @@ class Placement:
     entry: QueueEntry
     # The task whose delivery carries this one (merged); itself when it is not merged.
     parent: str = ""
+    # Why this worker was preferred (`QueueEntry.prefer_why`) when it holds the task's
+    # input; "" when it was chosen on other merits.
+    why: str = ""
 
 
 @dataclass
@@ -206,9 +217,7 @@ class Scheduler:
     _candidates: dict[Requirements, list[WorkerView]] = field(default_factory=dict)
     # Per requirements: a heap of (rank, version, worker) over its candidates, and the
     # candidates parked because they had no room; a worker that frees room is un-parked.
-    _heaps: dict[Requirements, list[tuple[tuple[int, float, float, str], int, str]]] = field(
-        default_factory=dict
-    )
+    _heaps: dict[Requirements, list[tuple[Rank, int, str]]] = field(default_factory=dict)
     _parked: dict[Requirements, set[str]] = field(default_factory=dict)
     _groups_of: dict[str, set[Requirements]] = field(default_factory=dict)
     # Warm routing on (WARM_ROUTING); off ranks workers by load and cost alone.
@@ -398,10 +407,15 @@ class Scheduler:
         return None
 
     def choose(
-        self, req: Requirements, avoid: frozenset[str] = frozenset(), identity: str = ""
+        self,
+        req: Requirements,
+        avoid: frozenset[str] = frozenset(),
+        identity: str = "",
+        prefer: frozenset[str] = frozenset(),
     ) -> WorkerView | None:
         """The best worker for `req` now; workers in `avoid` (where an earlier attempt
-        failed) only when no other worker could ever run it. A task identical to one
+        failed) only when no other worker could ever run it; workers in `prefer` (they
+        hold the task's input) first among equally warm ones. A task identical to one
         placed goes where that one is, when it has room."""
         if identity:
             for worker_id in self._identity_at.get(identity, ()):
@@ -409,7 +423,16 @@ class Scheduler:
                 if w is not None and worker_id not in avoid and w.fits_now(req):
                     return w
         if avoid:
-            return self._choose_scan(req, avoid)
+            return self._choose_scan(req, avoid, prefer)
+        best = self._best_fit(req)
+        if best is None:
+            return None
+        if prefer:
+            best = self._prefer_local(req, best, prefer)
+        return None if self._wait_for_warm(req, best) else best
+
+    def _best_fit(self, req: Requirements) -> WorkerView | None:
+        """The best worker for `req` that fits now, by rank without locality (the heap)."""
         self.candidates(req)
         heap, parked = self._heaps[req], self._parked[req]
         while heap:
@@ -423,8 +446,22 @@ class Scheduler:
                 heapq.heappop(heap)
                 parked.add(worker_id)
             else:
-                return None if self._wait_for_warm(req, w) else w
+                return w
         return None
+
+    def _prefer_local(
+        self, req: Requirements, best: WorkerView, prefer: frozenset[str]
+    ) -> WorkerView:
+        """`best`, or a worker in `prefer` that fits now and ranks better with locality
+        counted: `best` ranks first without it, so only those few need a look."""
+        local = [
+            w
+            for worker_id in prefer
+            if (w := self.workers.get(worker_id)) is not None
+            and w.why_never(req) is None
+            and w.fits_now(req)
+        ]
+        return min([best, *local], key=lambda w: w.rank(req, self.warm_routing, prefer))
 
     def _wait_for_warm(self, req: Requirements, best: WorkerView) -> bool:
         """Whether a task should wait for a full worker that has its model warm rather
@@ -449,7 +486,9 @@ class Scheduler:
             return False
         return True
 
-    def _choose_scan(self, req: Requirements, avoid: frozenset[str]) -> WorkerView | None:
+    def _choose_scan(
+        self, req: Requirements, avoid: frozenset[str], prefer: frozenset[str] = frozenset()
+    ) -> WorkerView | None:
         """choose() for a retry: a linear pass, since `avoid` differs task by task."""
         # Workers not avoided whose executor has not failed; else anyone who can run it
         # (an avoided worker beats waiting for one whose executor may never come back).
@@ -460,11 +499,11 @@ class Scheduler:
         ]
         candidates = candidates or self.candidates(req)
         best: WorkerView | None = None
-        best_key: tuple[int, float, float, str] | None = None
+        best_key: Rank | None = None
         for w in candidates:
             if not w.fits_now(req):
                 continue
-            key = w.rank(req, self.warm_routing)
+            key = w.rank(req, self.warm_routing, prefer)
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
@@ -486,13 +525,17 @@ class Scheduler:
             head = self._head(req)
             assert head is not None
             first = self.pending[head[1]]
-            worker = self.choose(req, first.avoid, first.identity)
+            worker = self.choose(req, first.avoid, first.identity, first.prefer)
             if worker is None:
                 blocked.append(req)
                 continue
             _, task_id = heapq.heappop(self.queues[req])
             entry = self._take(task_id, worker)
-            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, task_id))
+            out.append(
+                Placement(
+                    task_id, worker.worker_id, worker.inbox, entry, task_id, _why(entry, worker)
+                )
+            )
             if entry.merge_key and worker.takes_merged:
                 self._merge_into(out, entry, worker, limit, now)
             head = self._head(req)
@@ -539,7 +582,16 @@ class Scheduler:
             ):
                 continue
             self._take(task_id, worker)
-            out.append(Placement(task_id, worker.worker_id, worker.inbox, entry, lead.task_id))
+            out.append(
+                Placement(
+                    task_id,
+                    worker.worker_id,
+                    worker.inbox,
+                    entry,
+                    lead.task_id,
+                    _why(entry, worker),
+                )
+            )
             size += 1
 
     def _merge_candidates(self, lead: QueueEntry) -> Iterator[str]:
@@ -562,6 +614,10 @@ class Scheduler:
 
     def blocked_tasks(self, req: Requirements) -> list[str]:
         return [task_id for task_id, e in self.pending.items() if e.requirements == req]
+
+
+def _why(entry: QueueEntry, worker: WorkerView) -> str:
+    return entry.prefer_why if worker.worker_id in entry.prefer else ""
 
 
 def _executor_state(w: WorkerView, name: str) -> str:

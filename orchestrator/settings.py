@@ -10,6 +10,10 @@ Artifact uploads (orchestrator/results.py) read:
 - FLOWMESH_RESULTS_RETENTION_SEC: how long a finished task's files are kept (default 604800,
   7 days); files of a task no longer in Redis go at the next sweep.
 - FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC: how often the sweep runs (default 60).
+
+Pipelines (orchestrator/pipelines/) read FLOWMESH_PIPELINE_SCAN_SEC: how often every
+unfinished pipeline is re-evaluated from task state in Redis (default 5; task events make
+it prompt, this makes it certain, and it enforces waitTimeoutSec).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class OrchestratorSettings:
     max_upload_bytes: int = 64 * 2**30
     results_retention_sec: float = 7 * 86_400.0
     results_retention_interval_sec: float = 60.0
+    pipeline_scan_sec: float = 5.0
 
     @classmethod
     def from_env(cls, env: Env, *, host: str, port: int) -> OrchestratorSettings:
@@ -105,4 +110,5 @@ class OrchestratorSettings:
             results_retention_interval_sec=env_float(
                 env, "FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", 60.0, minimum=0.05
             ),
+            pipeline_scan_sec=env_float(env, "FLOWMESH_PIPELINE_SCAN_SEC", 5.0, minimum=0.05),
         )

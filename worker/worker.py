@@ -86,7 +86,11 @@ class Worker:
                 heartbeat_interval=settings.heartbeat_interval,
                 started_at=self.started_at,
                 protocol=workers.PROTOCOL,
-                artifacts=settings.artifacts.describe(),
+                # results_dir: where `${stage.outputs_dir}` points in shared-storage mode
+                artifacts={
+                    **settings.artifacts.describe(),
+                    "results_dir": str(settings.results_dir),
+                },
             ),
             interval=settings.heartbeat_interval,
             ttl=settings.heartbeat_ttl,

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import executors
 from executors.base import (
+    ARTIFACT_RESULT_FIELDS,
     Executor,
     ExecutorConfig,
     ExecutorError,
@@ -78,6 +79,16 @@ class TrainingExecutor(Executor):
     """What sft, lora_sft, dpo, grpo and ppo share; each sets `family`, `shape`, `options`."""
 
     section = "training"
+    result_fields = ARTIFACT_RESULT_FIELDS | {
+        "final_dir",
+        "global_step",
+        "train_loss",
+        "resumed_from_step",
+        "world_size",
+        "train_runtime_sec",
+        "metrics",
+        "cancelled",
+    }
     requires = ("torch", "transformers", "trl", "peft", "datasets")
     extra = "training"
     isolation = "task"

@@ -6,7 +6,8 @@
 -- ARGV: 1 task id, 2 now, 3 events max length
 -- Returns {1, previous status, worker id, attempt} or {0, current status}.
 -- Event types: flowmesh/events.py (EventType) lists every one.
-local t = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'attempts', 'seq', 'history')
+local t = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'attempts', 'seq', 'history',
+  'pipeline_id')
 local status = t[1]
 if not status then return {0, 'missing'} end
 if status ~= 'PENDING' and status ~= 'DISPATCHED' and status ~= 'RUNNING' then
@@ -28,5 +29,6 @@ if status ~= 'PENDING' then
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'type', 'task.cancelled',
-  'task_id', ARGV[1], 'worker_id', t[2] or '', 'attempt', t[3] or '0', 'previous', status)
+  'task_id', ARGV[1], 'worker_id', t[2] or '', 'attempt', t[3] or '0', 'previous', status,
+  'pipeline_id', t[6] or '')
 return {1, status, t[2] or '', t[3] or '0'}

@@ -16,9 +16,16 @@ local worker, now = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 10
 local out = {}
 
-local function event(kind, id, attempt, new_status)
-  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', 'type', kind,
-    'task_id', id, 'attempt', attempt, 'worker_id', worker, 'status', new_status)
+local function event(kind, id, attempt, new_status, pipeline)
+  if pipeline then
+    -- the orchestrator re-evaluates the task's pipeline at once (pipelines.py)
+    redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', 'type', kind,
+      'task_id', id, 'attempt', attempt, 'worker_id', worker, 'status', new_status,
+      'pipeline_id', pipeline)
+  else
+    redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', 'type', kind,
+      'task_id', id, 'attempt', attempt, 'worker_id', worker, 'status', new_status)
+  end
 end
 
 local function settle(key, a)
@@ -26,7 +33,7 @@ local function settle(key, a)
   local id, attempt = a[1], a[2]
   local t = redis.call('HMGET', key, 'status', 'attempts', 'worker_id', 'seq', 'failures',
     'max_attempts', 'score', 'retry_backoff', 'history', 'dispatched_at', 'started_at',
-    'avoid_workers')
+    'avoid_workers', 'pipeline_id')
   local status = t[1]
   local active = (status == 'DISPATCHED' or status == 'RUNNING')
   if a[12] ~= '' then
@@ -59,7 +66,7 @@ local function settle(key, a)
   if a[3] == 'DONE' then
     redis.call('HSET', key, 'status', 'DONE', 'result', a[4], 'error', '', 'finished_at', now)
     redis.call('ZADD', KEYS[4], seq, id)
-    event('task.finished', id, attempt, 'DONE')
+    event('task.finished', id, attempt, 'DONE', t[13])
     return {1, 'DONE'}
   end
 
@@ -90,7 +97,7 @@ local function settle(key, a)
     'finished_at', now)
   redis.call('ZADD', KEYS[5], seq, id)
   redis.call('ZADD', KEYS[7], now, id)
-  event('task.finished', id, attempt, 'FAILED')
+  event('task.finished', id, attempt, 'FAILED', t[13])
   return {1, 'FAILED'}
 end
 

@@ -327,3 +327,80 @@ def test_no_merged_delivery_for_a_worker_that_cannot_read_one():
         )
     placed, _ = s.plan(10, now=0.0)
     assert [p.parent for p in placed] == ["t0", "t1", "t2"]
+
+
+def test_a_worker_holding_the_input_wins_over_a_less_loaded_one():
+    busy = worker("busy", slots=4)
+    busy.running = 2
+    s = sched(busy, worker("idle", slots=4))
+    req = Requirements(executor="echo")
+    why = "input final_lora.tar.gz of stage train is on this worker"
+    s.add_pending(QueueEntry("t", req, 1.0, prefer=frozenset({"busy"}), prefer_why=why), 0.0)
+    [p], _ = s.plan(10, now=0.0)
+    assert (p.worker_id, p.why) == ("busy", why)
+    add(s, "u", req, 2.0)  # no preference: placed by load
+    [p], _ = s.plan(10, now=0.0)
+    assert (p.worker_id, p.why) == ("idle", "")
+
+
+def test_a_warm_model_beats_holding_the_input():
+    s = sched(
+        worker("local", executors=("vllm",)),
+        worker("warm", executors=("vllm",), models=("m",), cost=3.0),
+    )
+    req = Requirements(executor="vllm", model="m")
+    s.add_pending(QueueEntry("t", req, 1.0, prefer=frozenset({"local"}), prefer_why="x"), 0.0)
+    [p], _ = s.plan(10, now=0.0)
+    assert (p.worker_id, p.why) == ("warm", "")
+    # Both warm: the one holding the input wins, however its load compares.
+    local = worker("local", executors=("vllm",), models=("m",))
+    local.running = 3
+    both = sched(local, worker("warm", executors=("vllm",), models=("m",)))
+    both.add_pending(QueueEntry("u", req, 2.0, prefer=frozenset({"local"}), prefer_why="x"), 0.0)
+    [p], _ = both.plan(10, now=0.0)
+    assert (p.worker_id, p.why) == ("local", "x")
+
+
+def test_a_preferred_worker_that_cannot_run_the_task_now_is_passed_over():
+    full = worker("full", slots=1)
+    full.running = 1
+    s = sched(
+        full,
+        worker("no-gpu"),
+        worker("no-executor", executors=("other",), gpus=(H100,)),
+        worker("free", gpus=(H100,), cost=9.0),
+    )
+    req = Requirements(executor="echo", gpu_count=1)
+    prefer = frozenset({"full", "no-gpu", "no-executor", "gone"})
+    s.add_pending(QueueEntry("t", req, 1.0, prefer=prefer, prefer_why="x"), 0.0)
+    [p], _ = s.plan(10, now=0.0)
+    assert (p.worker_id, p.why) == ("free", "")
+
+
+def test_a_retry_avoids_the_worker_holding_its_input_where_it_failed():
+    s = sched(worker("local"), worker("a", cost=5.0), worker("b", cost=2.0))
+    req = Requirements(executor="echo")
+    s.add_pending(
+        QueueEntry("t", req, 1.0, avoid=frozenset({"local"}), prefer=frozenset({"local", "a"})),
+        0.0,
+    )
+    [p], _ = s.plan(10, now=0.0)
+    assert p.worker_id == "a"  # preferred and not avoided beats the cheaper one
+    only = sched(worker("local"))
+    only.add_pending(
+        QueueEntry("t", req, 1.0, avoid=frozenset({"local"}), prefer=frozenset({"local"})), 0.0
+    )
+    [p], _ = only.plan(10, now=0.0)
+    assert p.worker_id == "local"  # no other worker could ever run it
+
+
+def test_a_cold_worker_holding_the_input_still_waits_for_a_full_warm_one():
+    w1 = worker("w1", executors=("vllm",), gpus=(H100,), models=("m",))
+    s = sched(w1, worker("w2", executors=("vllm",), gpus=(H100,)))
+    s.add_pending(QueueEntry("other", Requirements(executor="vllm", gpu_count=1), 0.0), 0.0)
+    [first], _ = s.plan(10, now=0.0)
+    assert first.worker_id == "w1"
+    req = Requirements(executor="vllm", model="m", gpu_count=1)
+    s.add_pending(QueueEntry("t", req, 1.0, prefer=frozenset({"w2"})), 0.0)
+    placed, blocked = s.plan(10, now=0.0)
+    assert placed == [] and blocked == [req]

@@ -234,15 +234,22 @@ def test_non_object_document():
 
 
 def test_every_template_is_a_valid_spec():
+    """Task templates parse as specs, pipeline templates as pipelines (their stages are
+    checked whole on a fleet: tests/e2e/test_pipeline_templates.py)."""
     from pathlib import Path
 
     import yaml
+
+    from flowmesh.pipeline import is_pipeline, parse_pipeline
 
     templates = sorted((Path(__file__).parents[2] / "templates").glob("*.yaml"))
     assert templates
     for path in templates:
         for doc in yaml.safe_load_all(path.read_text()):
-            parse_task(doc)
+            if is_pipeline(doc):
+                parse_pipeline(doc)
+            else:
+                parse_task(doc)
 
 
 def test_a_size_with_hundreds_of_digits_is_a_422_not_an_overflow() -> None:
