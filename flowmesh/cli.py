@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from rich.console import Console
 
 from flowmesh.client import ApiError, Client
 from flowmesh.config import env_str, environ
 from flowmesh.errors import ConfigError
-from flowmesh.progress import watch
+from flowmesh.progress import watch, watch_pipeline
 from flowmesh.status import TaskStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -68,9 +69,14 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"cannot read {path}: {reason}") from None
     content_type = "application/json" if path.suffix == ".json" else "application/yaml"
+    if args.param:
+        text, content_type = _with_params(text, args.param), "application/json"
     client = _client(args)
     try:
-        tasks = client.submit_text(text, content_type)
+        reply = client.submit_document(text, content_type)
+        if "pipeline_id" in reply:
+            return _submitted_pipeline(client, reply, args, console)
+        tasks = reply["tasks"]
         for t in tasks:
             console.print(f"submitted {t['task_id']} {t.get('name') or ''} {t['status']}")
         if not args.wait:
@@ -86,6 +92,80 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
                 f"RESULTS_DIR/{t['task_id']}/responses.json"
             )
     return 1 if failed else 0
+
+
+def _with_params(text: str, params: list[str]) -> str:
+    """The pipeline document with `key=value` parameters set in `spec.params` (a value is
+    read as YAML: `n=3` is a number, `prompts=[a, b]` a list), as JSON."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--param: cannot read the document: {exc}") from None
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    if not isinstance(spec, dict) or not ("stages" in spec or "graph" in spec):
+        raise UsageError("--param sets a pipeline's parameters; this document is not a pipeline")
+    values = spec.setdefault("params", {})
+    if not isinstance(values, dict):
+        raise UsageError("--param: the document's spec.params is not a mapping")
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {item!r}: expected key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--param {key}: cannot read {raw!r}: {exc}") from None
+    return json.dumps(doc, default=str)
+
+
+def _submitted_pipeline(
+    client: Client, view: dict[str, Any], args: argparse.Namespace, console: Console
+) -> int:
+    pipeline_id = view["pipeline_id"]
+    replay = (
+        " (already submitted with this Idempotency-Key)" if view.get("idempotent_replay") else ""
+    )
+    console.print(
+        f"submitted pipeline {pipeline_id} {view.get('name') or ''} "
+        f"({len(view['stages'])} stage(s)){replay}"
+    )
+    if not args.wait:
+        return 0
+    view = watch_pipeline(client, pipeline_id, console, timeout=args.timeout)
+    console.print(f"pipeline {pipeline_id}: {view['status']}")
+    return 0 if view["status"] == "DONE" else 1
+
+
+def cmd_pipeline(args: argparse.Namespace, console: Console) -> int:
+    client = _client(args)
+    try:
+        if args.cancel:
+            client.cancel_pipeline(args.pipeline_id)
+            console.print(f"cancelled pipeline {args.pipeline_id}")
+            return 0
+        if args.wait:
+            view = watch_pipeline(client, args.pipeline_id, console, timeout=args.timeout)
+            return 0 if view["status"] == "DONE" else 1
+        console.print_json(json.dumps(client.pipeline(args.pipeline_id)))
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_pipelines(args: argparse.Namespace, console: Console) -> int:
+    client = _client(args)
+    try:
+        page = client.pipelines(
+            status=args.status, limit=args.limit, cursor=args.cursor, order=args.order
+        )
+    finally:
+        client.close()
+    for p in page["pipelines"]:
+        stages = " ".join(f"{state}={n}" for state, n in sorted(p["stages"].items()))
+        console.print(f"{p['pipeline_id']}  {p['status']:<9} {p['name'] or '-':<20} {stages}")
+    if page["next_cursor"]:
+        console.print(f"(more: --cursor {page['next_cursor']})")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
@@ -239,7 +319,33 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="a .yaml or .json file, or - for standard input (YAML or JSON)")
     s.add_argument("--wait", action="store_true", help="show live progress until all finish")
     s.add_argument("--timeout", type=float, default=None, help="stop waiting after N seconds")
+    s.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pipeline parameter (spec.params), the value read as YAML; repeatable",
+    )
     s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("pipeline", help="show one pipeline, watch it, or cancel it")
+    s.add_argument("pipeline_id")
+    s.add_argument("--wait", action="store_true", help="show its stages live until it ends")
+    s.add_argument("--timeout", type=float, default=None, help="stop waiting after N seconds")
+    s.add_argument("--cancel", action="store_true", help="cancel it and every unfinished stage")
+    s.set_defaults(func=cmd_pipeline)
+
+    s = sub.add_parser("pipelines", help="list pipelines")
+    s.add_argument(
+        "--status",
+        type=str.upper,
+        choices=("RUNNING", "DONE", "FAILED", "CANCELLED"),
+        help="only pipelines in this status",
+    )
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--order", type=str.lower, choices=("asc", "desc"), default=None)
+    s.add_argument("--cursor", help="the next page: the value printed after (more: --cursor …)")
+    s.set_defaults(func=cmd_pipelines)
 
     s = sub.add_parser("status", help="show one task")
     s.add_argument("task_id")

@@ -112,8 +112,28 @@ class Client:
     def submit_text(
         self, text: str, content_type: str = "application/yaml"
     ) -> list[dict[str, Any]]:
+        return list(self.submit_document(text, content_type)["tasks"])
+
+    def submit_document(self, text: str, content_type: str = "application/yaml") -> dict[str, Any]:
+        """The orchestrator's whole reply: `tasks` for task specs, or a pipeline's view
+        (`pipeline_id`, `stages`) for a pipeline."""
         body = self._call("POST", "/api/v1/tasks", body=text.encode(), content_type=content_type)
-        return list(body["tasks"])
+        return dict(body)
+
+    def pipeline(self, pipeline_id: str, wait: float | None = None) -> dict[str, Any]:
+        """The pipeline's view; with `wait`, a long poll until it has ended (at most 60 s)."""
+        params = None if wait is None else {"wait": wait}
+        timeout = None if wait is None else max(self.timeout, wait + 10)
+        path = f"/api/v1/pipelines/{quote(pipeline_id, safe='')}"
+        return dict(self._call("GET", path, params=params, timeout=timeout))
+
+    def pipelines(self, **params: Any) -> dict[str, Any]:
+        clean = {k: v for k, v in params.items() if v is not None}
+        return dict(self._call("GET", "/api/v1/pipelines", params=clean))
+
+    def cancel_pipeline(self, pipeline_id: str) -> dict[str, Any]:
+        path = f"/api/v1/pipelines/{quote(pipeline_id, safe='')}/cancel"
+        return dict(self._call("POST", path))
 
     def submit(self, specs: list[dict[str, Any]] | dict[str, Any]) -> list[dict[str, Any]]:
         """One spec or a batch of specs; returns the created tasks (id, status, ...)."""

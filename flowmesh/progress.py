@@ -1,4 +1,5 @@
-"""A live terminal table of tasks until they all finish: `flowmesh submit --wait` and the demo."""
+"""Live terminal tables until the work ends: tasks (`flowmesh submit --wait`, the demo) and
+a pipeline's stages (`flowmesh submit pipeline.yaml --wait`)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,67 @@ def watch(
     if not console.is_terminal:
         console.print(_table(tasks, time.monotonic() - start))
     return tasks
+
+
+STAGE_STYLE = {
+    "waiting": "yellow",
+    "running": "blue",
+    "done": "green",
+    "failed": "red",
+    "skipped": "dim",
+    "cancelled": "magenta",
+}
+
+
+def pipeline_table(view: dict[str, Any]) -> Table:
+    """A pipeline's stages: state, tasks by status, where they ran, and why."""
+    status = view["status"]
+    title = (
+        f"pipeline {view['pipeline_id'][:12]} {view.get('name') or ''}  "
+        f"[{STYLE.get(status, '')}]{status}[/]  {view['elapsed_sec']:.1f}s"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "state", "tasks", "worker", "note"):
+        table.add_column(col)
+    for stage in view["stages"]:
+        counts = "  ".join(f"{s} {n}" for s, n in sorted(stage["task_states"].items()))
+        workers = sorted({t["worker_id"] for t in stage["tasks"] if t.get("worker_id")})
+        note = stage.get("reason") or ""
+        if not note and stage.get("inputs"):
+            path, value = next(iter(stage["inputs"].items()))
+            note = f"{path} = {value}"
+        table.add_row(
+            stage["name"],
+            f"[{STAGE_STYLE.get(stage['state'], '')}]{stage['state']}[/]",
+            counts or "-",
+            ",".join(workers[:3]) + ("…" if len(workers) > 3 else ""),
+            note[:100],
+        )
+    return table
+
+
+def watch_pipeline(
+    client: Client,
+    pipeline_id: str,
+    console: Console,
+    timeout: float | None = None,
+    interval: float = 0.3,
+) -> dict[str, Any]:
+    """Poll until the pipeline has ended (or the timeout); return its last view."""
+    start = time.monotonic()
+    view = client.pipeline(pipeline_id)
+    with Live(
+        pipeline_table(view),
+        console=console,
+        refresh_per_second=8,
+        transient=not console.is_terminal,
+    ) as live:
+        while view["status"] == "RUNNING":
+            if timeout is not None and time.monotonic() - start > timeout:
+                break
+            time.sleep(interval)
+            view = client.pipeline(pipeline_id)
+            live.update(pipeline_table(view))
+    if not console.is_terminal:
+        console.print(pipeline_table(view))
+    return view

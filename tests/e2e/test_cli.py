@@ -264,3 +264,53 @@ def test_help_lists_the_environment_and_starts_nothing(module, settings, must):
         assert re.search(rf"^\s+{name}\s", r.stdout, re.M), f"{name} missing from --help"
     if module == "orchestrator.main":
         assert "--host" in r.stdout and "--port" in r.stdout
+
+
+def test_submit_pipeline_with_params_waits_and_shows_each_stage(
+    orchestrator, start_worker, tmp_path
+):
+    start_worker("w1")
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(
+        """
+kind: Pipeline
+metadata: {name: greet}
+spec:
+  params: {who: nobody, times: 1}
+  taskType: echo
+  stages:
+    - name: hello
+      spec: {echo: {message: "hello ${params.who}"}}
+    - name: repeat
+      forEach: "${params.times}"
+      spec: {echo: {message: "${hello.result.message} #${index}"}}
+"""
+    )
+    r = flowmesh(
+        [
+            "--url",
+            orchestrator.url,
+            "submit",
+            str(spec),
+            "--param",
+            "who=fleet",
+            "--param",
+            "times=[a, b, c]",
+            "--wait",
+        ],
+        {},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted pipeline" in r.stdout
+    pipeline_id = re.search(r"submitted pipeline ([0-9a-f]{32})", r.stdout).group(1)
+    assert f"pipeline {pipeline_id}: DONE" in r.stdout
+    # the stage table: each stage, its state and its tasks
+    assert re.search(r"hello\s.*done\s.*DONE 1", r.stdout), r.stdout
+    assert re.search(r"repeat\s.*done\s.*DONE 3", r.stdout), r.stdout
+    listed = flowmesh(["--url", orchestrator.url, "pipelines", "--status", "done"], {})
+    assert pipeline_id in listed.stdout and "done=2" in listed.stdout
+
+    not_a_pipeline = tmp_path / "task.yaml"
+    not_a_pipeline.write_text("spec: {taskType: echo}\n")
+    r = flowmesh(["--url", orchestrator.url, "submit", str(not_a_pipeline), "--param", "a=1"], {})
+    assert r.returncode == 2 and "not a pipeline" in r.stderr
