@@ -40,6 +40,7 @@ SECTIONS = (
     "inference",
     "artifacts",
     "training",
+    "pipelines",
 )
 
 
@@ -245,6 +246,12 @@ def section_training() -> None:
     subprocess.run([sys.executable, "-m", "bench.training"], cwd=ROOT, check=False)
 
 
+def section_pipelines() -> None:
+    """bench/pipelines.py: a 100-stage chain and a 1,000-wide fan-out with a join, as
+    pipelines and as the client loops a user would write, on a fleet of its own."""
+    subprocess.run([sys.executable, "-m", "bench.pipelines"], cwd=ROOT, check=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,6 +289,8 @@ def main() -> int:
             section_artifacts(args)
         if "training" in only:
             section_training()
+        if "pipelines" in only:
+            section_pipelines()
     return 0
 
 
