@@ -382,7 +382,8 @@ def test_orchestrator_sigkilled_mid_pipeline_finishes_with_each_stage_run_once(
     from task state alone, and every stage runs once."""
     pause = "pipeline_release:30"
     orch = start_orchestrator(FLOWMESH_FAILPOINTS=pause)
-    start_worker("w1", WORKER_SLOTS="8")
+    start_worker("w1", WORKER_SLOTS="4")
+    start_worker("w2", WORKER_SLOTS="4")
     pipeline = {
         "kind": "Pipeline",
         "spec": {
