@@ -32,9 +32,11 @@ from orchestrator.pipelines.templates import (
     KEEP,
     Ref,
     TemplateError,
+    escape,
     follow,
     render,
     templated_paths,
+    unescape,
 )
 
 Check = Callable[[list[Any]], list[TaskSpec]]
@@ -60,7 +62,7 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
         if name not in params:
             given = ", ".join(sorted(params)) or "none"
             raise TemplateError(f"no parameter {name!r} (given: {given})")
-        return follow(params[name], ref.path[1:], f"params.{name}")
+        return escape(follow(params[name], ref.path[1:], f"params.{name}"))
 
     for i, stage in enumerate(pipeline.stages):
         where = pipeline.stage_path(i)
@@ -233,10 +235,11 @@ def _check_spec(
     """The stage's task spec validated now, with its first item when the items are known;
     problems at fields that hold an upstream template are left for release."""
     if isinstance(items, list) and items:
+        first = unescape(items[0])
 
         def first_item(ref: Ref) -> Any:
             if ref.scope == "item":
-                return follow(items[0], ref.path, "item")
+                return escape(follow(first, ref.path, "item"))
             if ref.scope == "index":
                 return 0
             return KEEP

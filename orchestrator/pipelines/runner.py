@@ -51,6 +51,7 @@ from orchestrator.pipelines.templates import (
     follow,
     render,
     templated_paths,
+    unescape,
     walk_strings,
 )
 from orchestrator.waiters import Waiters
@@ -449,7 +450,9 @@ class PipelineRunner:
 
         document = stage["document"]
         items = stage["forEach"]
-        if isinstance(items, str):
+        if isinstance(items, list):
+            items = unescape(items)  # as the user gave them: escaped for the partial render
+        elif isinstance(items, str):
             items = render(items, lookup, "forEach")
             if not isinstance(items, list):
                 raise TemplateError(

@@ -204,6 +204,30 @@ def _render_string(text: str, lookup: Lookup, path: str, final: bool) -> Any:
     return "".join(out)
 
 
+def escape(value: Any) -> Any:
+    """`value` with every `${` in its strings written `$${`: a value put into a spec by a
+    partial render (a parameter, at submit) must stay literal in the final render, never
+    become a template of its own."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, dict):
+        return {k: escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape(v) for v in value]
+    return value
+
+
+def unescape(value: Any) -> Any:
+    """The inverse of `escape`, for a value used as it is (a forEach list's items)."""
+    if isinstance(value, str):
+        return value.replace("$${", "${")
+    if isinstance(value, dict):
+        return {k: unescape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unescape(v) for v in value]
+    return value
+
+
 def follow(value: Any, path: tuple[str | int, ...], what: str) -> Any:
     """The value at `path` inside `value`; MISSING-free: raises TemplateError saying
     what is there instead."""

@@ -95,3 +95,36 @@ def test_graph_helpers():
     merged = deep_merge(base, {"model": {"dtype": "float32"}, "tags": ["y"]})
     assert merged == {"model": {"source": {"identifier": "m"}, "dtype": "float32"}, "tags": ["y"]}
     assert base["model"]["dtype"] == "auto"  # the base is not changed
+
+
+def test_a_parameter_holding_a_template_stays_literal_through_release():
+    from orchestrator.pipelines.planner import plan_pipeline
+
+    def no_lookup(ref: Ref):
+        raise AssertionError(f"{ref.text} was read as a template")
+
+    plan = plan_pipeline(
+        {
+            "kind": "Pipeline",
+            "spec": {
+                "params": {"note": "costs ${secret.result.x}", "xs": ["${a}", "b"]},
+                "taskType": "echo",
+                "stages": [
+                    {"name": "a", "spec": {"echo": {"message": "${params.note}"}}},
+                    {
+                        "name": "b",
+                        "forEach": "${params.xs}",
+                        "spec": {"echo": {"message": "${item}"}},
+                    },
+                ],
+            },
+        },
+        check=lambda docs: [],
+        result_fields=lambda task_type: None,
+    )
+    a = plan["stages"]["a"]
+    assert a["deps"] == [] and a["sources"] == []  # no dependency on a stage named `secret`
+    assert render(a["document"], no_lookup)["spec"]["echo"]["message"] == "costs ${secret.result.x}"
+    from orchestrator.pipelines.templates import unescape
+
+    assert unescape(plan["stages"]["b"]["forEach"]) == ["${a}", "b"]
