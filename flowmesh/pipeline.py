@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from flowmesh.spec import Float, Metadata, SpecError, StrictModel, field_path
 
@@ -48,8 +48,20 @@ def _one_or_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+# Names templates read as something else (`${params.x}`, `${item}`, `${index}`).
+RESERVED_NAMES = frozenset({"params", "item", "index"})
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"{name!r} cannot name a stage: ${{{name}...}} means something else in templates"
+        )
+    return name
+
+
 class Stage(StrictModel):
-    name: StageName
+    name: Annotated[StageName, AfterValidator(_not_reserved)]
     dependsOn: Annotated[list[StageName] | None, BeforeValidator(_one_or_list)] = Field(
         None,
         max_length=MAX_STAGES,
@@ -199,29 +211,26 @@ def parse_pipeline(document: Any) -> Pipeline:
 
 def find_cycle(deps: dict[str, list[str]]) -> list[str] | None:
     """A cycle in the dependency graph, as the stages along it (first repeated last),
-    or None."""
+    or None. Iterative: a chain of MAX_STAGES stages must not meet Python's recursion limit."""
     state: dict[str, int] = {}  # 1: on the path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for dep in deps.get(node, ()):
+    for root in deps:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        todo: list[list[str]] = [list(deps.get(root, ()))]
+        state[root] = 1
+        while path:
+            if not todo[-1]:
+                state[path.pop()] = 2
+                todo.pop()
+                continue
+            dep = todo[-1].pop()
             if state.get(dep) == 1:
                 return [*path[path.index(dep) :], dep]
             if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in deps:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+                state[dep] = 1
+                path.append(dep)
+                todo.append(list(deps.get(dep, ())))
     return None
 
 

@@ -83,7 +83,7 @@ class StageRecord:
         )
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _plan(raw: str) -> dict[str, Any]:
     """A stored plan, parsed once (a plan never changes once stored; callers never change
     the dict they get)."""
@@ -195,6 +195,7 @@ class PipelineStore:
                 json.dumps([[stage_field(n), s.value, r.to_json()] for n, s, r in stages]),
                 status.value if status else "",
                 "1" if retire else "",
+                pipeline_id,
             ],
         )
         return int(reply[0]), PipelineStatus(reply[1]) if reply[1] else None

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from flowmesh.client import Client
@@ -40,12 +41,12 @@ def _table(tasks: list[dict[str, Any]], elapsed: float) -> Table:
             note = f"{t['error'].get('kind')}: {t['error'].get('message')}"[:80]
         table.add_row(
             t["task_id"][:12],
-            t.get("name") or "",
+            escape(t.get("name") or ""),
             t.get("task_type") or "",
             f"[{STYLE.get(t['status'], '')}]{t['status']}[/]",
             str(t.get("attempts", 0)),
             t.get("worker_id") or "",
-            note,
+            escape(note),  # an error message may hold "[...]"
         )
     return table
 
@@ -93,7 +94,7 @@ def pipeline_table(view: dict[str, Any]) -> Table:
     """A pipeline's stages: state, tasks by status, where they ran, and why."""
     status = view["status"]
     title = (
-        f"pipeline {view['pipeline_id'][:12]} {view.get('name') or ''}  "
+        f"pipeline {view['pipeline_id'][:12]} {escape(view.get('name') or '')}  "
         f"[{STYLE.get(status, '')}]{status}[/]  {view['elapsed_sec']:.1f}s"
     )
     table = Table(title=title, title_justify="left")
@@ -110,8 +111,8 @@ def pipeline_table(view: dict[str, Any]) -> Table:
             stage["name"],
             f"[{STAGE_STYLE.get(stage['state'], '')}]{stage['state']}[/]",
             counts or "-",
-            ",".join(workers[:3]) + ("…" if len(workers) > 3 else ""),
-            note[:100],
+            escape(",".join(workers[:3]) + ("…" if len(workers) > 3 else "")),
+            escape(note[:100]),  # user data: a "[/]" in it is not markup
         )
     return table
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -18,16 +16,12 @@ from flowmesh.pipeline import is_pipeline
 from flowmesh.spec import SpecError
 from flowmesh.status import TaskStatus
 from orchestrator import intake
-from orchestrator.documents import BodyError, decode, spec_error
+from orchestrator.documents import read_documents, spec_error
 from orchestrator.fleet import Fleet
 from orchestrator.pipelines.routes import submit_pipeline
 
 log = logging.getLogger(__name__)
-# Bodies larger than this are decoded and validated on a worker thread (see submit_tasks).
-OFFLOAD_BYTES = 1 << 20
-OFFLOAD_YAML_BYTES = 32 << 10
 router = APIRouter(prefix="/api/v1")
-IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 _SUBMIT_BODY = {
     "requestBody": {
@@ -59,34 +53,12 @@ def fleet(request: Request) -> Fleet:
 async def submit_tasks(request: Request) -> Any:
     f = fleet(request)
     settings = request.app.state.settings
-    body = await request.body()
-    # Reading and checking megabytes of specs takes long enough to run off the event loop,
-    # so the scheduler and other requests carry on meanwhile. A smaller body is checked in
-    # place: in a thread it would hold the GIL against the loop's many short steps (each
-    # then waits up to the 5 ms switch interval), which cost 15 % of throughput at 500
-    # specs per request.
-    # YAML is read by a pure-Python parser (~80 us per spec): any YAML body of some size.
-    yaml_body = "json" not in request.headers.get("content-type", "")
-    offload = len(body) > (OFFLOAD_YAML_BYTES if yaml_body else OFFLOAD_BYTES)
-
-    async def run(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args) if offload else fn(*args)
-
-    try:
-        docs = await run(decode, body, request.headers.get("content-type", ""))
-    except BodyError as exc:
-        content: dict[str, Any] = {"detail": str(exc)}
-        if exc.problems:
-            content["errors"] = [{"loc": path, "msg": msg} for path, msg in exc.problems]
-        return JSONResponse(status_code=exc.status, content=content)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-        return JSONResponse(
-            status_code=422,
-            content={"detail": "Idempotency-Key header: 1-200 letters, digits and -_.: only"},
-        )
+    read = await read_documents(request)
+    if isinstance(read, JSONResponse):
+        return read
+    docs, key, run = read
     if any(is_pipeline(doc) for doc in docs):
-        return await submit_pipeline(request, docs, key)
+        return await submit_pipeline(request, docs, key, run)
     try:
         specs = await run(intake.checker(f, settings.max_batch), docs)
     except SpecError as exc:

@@ -8,10 +8,14 @@
 -- Returns {1, seq}, {0, the first request's pipeline id}, or {-1, that id} when the key
 -- was used for a different request.
 if ARGV[3] ~= '' then
-  local seen = redis.call('HMGET', KEYS[5], 'request_sha256', 'pipeline_id')
-  if seen[2] then
-    if seen[1] ~= ARGV[4] then return {-1, seen[2]} end
+  local kind = redis.call('TYPE', KEYS[5])['ok']
+  if kind == 'hash' then
+    local seen = redis.call('HMGET', KEYS[5], 'request_sha256', 'pipeline_id')
+    -- a key a task submit stored (no pipeline_id) is another request's
+    if not seen[2] or seen[1] ~= ARGV[4] then return {-1, seen[2] or ''} end
     return {0, seen[2]}
+  elseif kind ~= 'none' then
+    return {-1, ''}
   end
 end
 local seq = redis.call('INCR', KEYS[4])

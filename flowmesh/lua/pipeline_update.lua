@@ -15,7 +15,10 @@ for _, u in ipairs(cjson.decode(ARGV[2])) do
   end
 end
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {changed, ''} end
+if not status then
+  if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[5]) end  -- the hash is gone
+  return {changed, ''}
+end
 if ARGV[3] ~= '' and status == 'RUNNING' then
   status = ARGV[3]
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
@@ -24,6 +27,6 @@ if changed > 0 or ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 end
 if ARGV[4] == '1' then
-  redis.call('SREM', KEYS[2], redis.call('HGET', KEYS[1], 'pipeline_id'))
+  redis.call('SREM', KEYS[2], ARGV[5])
 end
 return {changed, status}

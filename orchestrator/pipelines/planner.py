@@ -51,9 +51,11 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
     names = [s.name for s in pipeline.stages]
     index = {name: i for i, name in enumerate(names)}
     deps = {name: list(d) for name, d in pipeline.deps.items()}
-    docs: dict[str, dict[str, Any]] = {}
+    specs: dict[str, dict[str, Any]] = {}  # each stage's own spec, parameters written in
+    metadata: dict[str, dict[str, Any]] = {}
     for_each: dict[str, Any] = {}
     refs_of: dict[str, dict[str, list[Ref]]] = {}
+    task_types: dict[str, Any] = {}
 
     def params_only(ref: Ref) -> Any:
         if ref.scope != "params":
@@ -64,45 +66,42 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
             raise TemplateError(f"no parameter {name!r} (given: {given})")
         return escape(follow(params[name], ref.path[1:], f"params.{name}"))
 
+    try:
+        base = render(pipeline.base, params_only, "spec", final=False)
+    except TemplateError as exc:
+        raise SpecError([("spec", str(exc))]) from None
     for i, stage in enumerate(pipeline.stages):
         where = pipeline.stage_path(i)
-        metadata = stage.metadata.model_dump(exclude_none=True)
-        metadata.setdefault("name", f"{pipeline.name or 'pipeline'}.{stage.name}")
-        doc = {
-            "apiVersion": "flowmesh/v1",
-            "kind": "Task",
-            "metadata": metadata,
-            "spec": deep_merge(pipeline.base, stage.spec),
-        }
+        meta = stage.metadata.model_dump(exclude_none=True)
+        meta.setdefault("name", f"{pipeline.name or 'pipeline'}.{stage.name}")
         try:
-            doc = render(doc, params_only, final=False)
+            own = render(stage.spec, params_only, "spec", final=False)
+            meta = render(meta, params_only, "metadata", final=False)
             items = render(stage.forEach, params_only, "forEach", final=False)
+            doc = _document(meta, base, own)
             refs = templated_paths(doc)
             if isinstance(items, str):
                 refs["forEach"] = templated_paths(items, "forEach").get("forEach", [])
         except TemplateError as exc:
             problems.append((where, f"stage {stage.name!r}: {exc}"))
             continue
-        if isinstance(items, str) and not (
-            refs["forEach"] and items.startswith("${") and items.endswith("}")
-        ):
+        problem = _for_each_problem(items, refs.get("forEach"))
+        if problem:
+            problems.append((f"{where}.forEach", f"stage {stage.name!r}: {problem}"))
+            continue
+        task_type = doc["spec"].get("taskType")
+        if isinstance(task_type, str) and "${" in task_type:
             problems.append(
                 (
-                    f"{where}.forEach",
-                    f"stage {stage.name!r}: forEach is a list, or one template giving a list "
-                    f"(${{params.x}}, ${{stage.result.x}}); got {items!r}",
+                    f"{where}.spec.taskType",
+                    f"stage {stage.name!r}: taskType cannot be a template: the executor "
+                    "that runs a stage is known at submit",
                 )
             )
             continue
-        if isinstance(items, list) and len(items) > MAX_ITEMS:
-            problems.append(
-                (
-                    f"{where}.forEach",
-                    f"stage {stage.name!r}: forEach has {len(items)} items; at most {MAX_ITEMS}",
-                )
-            )
-            continue
-        docs[stage.name], for_each[stage.name], refs_of[stage.name] = doc, items, refs
+        specs[stage.name], metadata[stage.name] = own, meta
+        for_each[stage.name], refs_of[stage.name] = items, refs
+        task_types[stage.name] = task_type
         for path, refs_here in refs.items():
             for ref in refs_here:
                 problem = _check_ref(ref, stage.name, stage.forEach is not None, path, index)
@@ -128,9 +127,10 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
     stages: dict[str, Any] = {}
     for i, stage in enumerate(pipeline.stages):
         name = stage.name
-        doc, refs = docs[name], refs_of[name]
-        problems += _check_fields(refs, docs, name, pipeline.stage_path(i), result_fields)
-        problems += _check_spec(doc, refs, for_each[name], check, name, pipeline.stage_path(i))
+        refs, where = refs_of[name], pipeline.stage_path(i)
+        problems += _check_fields(refs, task_types, name, where, result_fields)
+        doc = _document(metadata[name], base, specs[name])
+        problems += _check_spec(doc, refs, for_each[name], check, name, where)
         sources = sorted(
             {r.stage for rs in refs.values() for r in rs if r.stage and _reads_files(r)},
             key=index.__getitem__,
@@ -141,8 +141,9 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
             "forEach": for_each[name],
             "onUpstreamFailure": stage.onUpstreamFailure,
             "waitTimeoutSec": stage.waitTimeoutSec or pipeline.wait_sec,
-            "document": doc,
-            "templated": bool(refs),
+            "metadata": metadata[name],
+            "spec": specs[name],
+            "taskType": task_types[name],
             "sources": sources,
         }
     if problems:
@@ -151,9 +152,58 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
         "name": pipeline.name,
         "labels": pipeline.doc.metadata.labels,
         "params": params,
+        "base": base,
         "order": topological(deps, names),
         "stages": stages,
     }
+
+
+def stage_document(plan: dict[str, Any], name: str) -> dict[str, Any]:
+    """A stage's task document as planned: its own spec deep-merged over the base (kept
+    once in the plan, however many stages), upstream templates still in."""
+    stage = plan["stages"][name]
+    return _document(stage["metadata"], plan["base"], stage["spec"])
+
+
+def _document(
+    metadata: dict[str, Any], base: dict[str, Any], own: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "flowmesh/v1",
+        "kind": "Task",
+        "metadata": metadata,
+        "spec": deep_merge(base, own),
+    }
+
+
+def _for_each_problem(items: Any, refs: list[Ref] | None) -> str | None:
+    if items is None:
+        return None
+    if isinstance(items, str):
+        if refs and len(refs) == 1 and items.startswith("${") and items.endswith("}"):
+            return None
+        return (
+            "forEach is a list, or one template giving a list (${params.x}, "
+            f"${{stage.result.x}}); got {items!r}"
+        )
+    if not isinstance(items, list):
+        return f"forEach is a list, or one template giving a list; got {_kind(items)}"
+    if len(items) > MAX_ITEMS:
+        return f"forEach has {len(items)} items; at most {MAX_ITEMS}"
+    inside = templated_paths(items, "forEach")
+    if inside:
+        path, found = next(iter(inside.items()))
+        return (
+            f"{path}: ${{{found[0].text}}}: a forEach list's items are used as they are, "
+            "templates inside them are not read (write $${ for a literal ${)"
+        )
+    return None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _reads_files(ref: Ref) -> bool:
@@ -161,13 +211,8 @@ def _reads_files(ref: Ref) -> bool:
     outputs directory): the worker that ran that stage has them on its disk."""
     if ref.field == "outputs_dir":
         return True
-    if ref.field == "result":
-        key = ref.path[0] if ref.path else None
-    elif ref.field == "results":
-        key = ref.path[1] if len(ref.path) > 1 else None
-    else:
-        return False
-    return isinstance(key, str) and key.endswith(("_url", "_path", "_dir"))
+    key = ref.result_key
+    return key is not None and key.endswith(("_url", "_path", "_dir"))
 
 
 def _check_ref(
@@ -193,7 +238,7 @@ def _check_ref(
 
 def _check_fields(
     refs: dict[str, list[Ref]],
-    docs: dict[str, dict[str, Any]],
+    task_types: dict[str, Any],
     stage: str,
     where: str,
     result_fields: ResultFields,
@@ -202,14 +247,9 @@ def _check_fields(
     problems = []
     for path, refs_here in refs.items():
         for ref in refs_here:
-            if not (ref.stage and ref.needs_result):
-                continue
-            if ref.field == "result":
-                key = ref.path[0] if ref.path else None
-            else:
-                key = ref.path[1] if len(ref.path) > 1 else None
-            task_type = docs[ref.stage]["spec"].get("taskType")
-            if not isinstance(key, str) or not isinstance(task_type, str):
+            key = ref.result_key
+            task_type = task_types.get(ref.stage or "")
+            if key is None or not isinstance(task_type, str):
                 continue
             fields = result_fields(task_type)
             if fields is None or key in fields or key in WORKER_RESULT_FIELDS:
@@ -232,9 +272,13 @@ def _check_spec(
     stage: str,
     where: str,
 ) -> list[tuple[str, str]]:
-    """The stage's task spec validated now, with its first item when the items are known;
-    problems at fields that hold an upstream template are left for release."""
-    if isinstance(items, list) and items:
+    """The stage's task spec validated now, with its first item when the items are known.
+    A field that holds an upstream template (or an item not known yet) is checked at
+    release: one that is nothing but the template is left out of this check (a list or a
+    number cannot be a template string, and its error would hide every other check), and
+    problems found at such fields are not reported."""
+    known = isinstance(items, list) and bool(items)
+    if known:
         first = unescape(items[0])
 
         def first_item(ref: Ref) -> Any:
@@ -248,12 +292,13 @@ def _check_spec(
             doc = render(doc, first_item, final=False)
         except TemplateError as exc:
             return [(where, f"stage {stage!r} (item 0): {exc}")]
-    task_type = doc["spec"].get("taskType")
-    if isinstance(task_type, str) and "${" in task_type:
-        return [(f"{where}.spec.taskType", f"stage {stage!r}: taskType cannot be a template")]
-    later = [p for p in refs if p != "forEach"]
+    later = {
+        path
+        for path, found in refs.items()
+        if path != "forEach" and any(r.stage or not known for r in found)
+    }
     try:
-        check([doc])
+        check([_without(doc, later)])
     except SpecError as exc:
         return [
             (f"{where} ({stage})" if not path else f"{where}.{path}", f"stage {stage!r}: {msg}")
@@ -261,6 +306,19 @@ def _check_spec(
             if not any(_related(path, p) for p in later)
         ]
     return []
+
+
+def _without(value: Any, paths: set[str], path: str = "") -> Any:
+    """`value` without the mapping entries at `paths` that hold a template and nothing else."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        here = f"{path}.{key}" if path else str(key)
+        if here in paths and isinstance(item, str) and item.startswith("${"):
+            continue
+        out[key] = _without(item, paths, here)
+    return out
 
 
 def _related(problem: str, templated: str) -> bool:

@@ -10,11 +10,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from flowmesh.pipeline import is_pipeline
+from flowmesh.pipeline import MAX_ITEMS, is_pipeline
 from flowmesh.pipeline_store import PipelineRow, PipelineStatus
 from flowmesh.spec import SpecError
-from orchestrator.documents import BodyError, decode, spec_error
-from orchestrator.pipelines.runner import PipelineRunner
+from orchestrator import intake
+from orchestrator.documents import Run, read_documents, spec_error
+from orchestrator.pipelines.planner import plan_pipeline
+from orchestrator.pipelines.runner import PipelineRunner, result_fields
 
 router = APIRouter(prefix="/api/v1")
 MAX_WAIT_SEC = 60.0
@@ -29,8 +31,9 @@ def runner(request: Request) -> PipelineRunner:
     return value
 
 
-async def submit_pipeline(request: Request, docs: list[Any], key: str | None) -> Any:
-    """One pipeline document, checked whole, stored, and its first stages released."""
+async def submit_pipeline(request: Request, docs: list[Any], key: str | None, run: Run) -> Any:
+    """One pipeline document, checked whole (on a worker thread for a large body: `run`),
+    stored, and its first stages released."""
     if len(docs) != 1:
         where = next(i for i, d in enumerate(docs) if is_pipeline(d))
         return spec_error(
@@ -40,7 +43,12 @@ async def submit_pipeline(request: Request, docs: list[Any], key: str | None) ->
         )
     r = runner(request)
     try:
-        plan = r.plan(docs[0])
+        plan = await run(
+            plan_pipeline,
+            docs[0],
+            check=intake.checker(r.fleet, MAX_ITEMS),  # reads the fleet here, on the loop
+            result_fields=result_fields,
+        )
     except SpecError as exc:
         return spec_error(exc)
     pipeline_id, created = await r.submit(plan, key)
@@ -57,25 +65,15 @@ async def submit_pipeline(request: Request, docs: list[Any], key: str | None) ->
     summary="Submit a pipeline (YAML or JSON): stages, or a graph of nodes",
 )
 async def submit(request: Request) -> Any:
-    body = await request.body()
-    try:
-        docs = decode(body, request.headers.get("content-type", ""))
-    except BodyError as exc:
-        content: dict[str, Any] = {"detail": str(exc)}
-        if exc.problems:
-            content["errors"] = [{"loc": path, "msg": msg} for path, msg in exc.problems]
-        return JSONResponse(status_code=exc.status, content=content)
+    read = await read_documents(request)
+    if isinstance(read, JSONResponse):
+        return read
+    docs, key, run = read
     if not all(is_pipeline(d) for d in docs):
         return spec_error(
             SpecError([("body", "not a pipeline: a pipeline has spec.stages or spec.graph")])
         )
-    key = request.headers.get("idempotency-key")
-    if key is not None and not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,200}", key):
-        return JSONResponse(
-            status_code=422,
-            content={"detail": "Idempotency-Key header: 1-200 letters, digits and -_.: only"},
-        )
-    return await submit_pipeline(request, docs, key)
+    return await submit_pipeline(request, docs, key, run)
 
 
 @router.get("/pipelines/{pipeline_id}", summary="One pipeline: its stages, tasks and inputs")
@@ -194,7 +192,7 @@ async def pipeline_view(r: PipelineRunner, row: PipelineRow) -> dict[str, Any]:
                 "for_each": stage["forEach"]
                 if isinstance(stage["forEach"], str)
                 else (None if stage["forEach"] is None else f"{len(stage['forEach'])} item(s)"),
-                "task_type": stage["document"]["spec"].get("taskType"),
+                "task_type": stage["taskType"],
                 "released_at": record.released_at,
                 "finished_at": record.finished_at,
                 "inputs": record.inputs,

@@ -43,7 +43,7 @@ from flowmesh.status import TaskStatus
 from flowmesh.store import StageNotReleased, StageRelease
 from orchestrator import intake
 from orchestrator.fleet import Fleet
-from orchestrator.pipelines.planner import plan_pipeline
+from orchestrator.pipelines.planner import stage_document
 from orchestrator.pipelines.templates import (
     MISSING,
     Ref,
@@ -113,7 +113,9 @@ class PipelineRunner:
             self._wake.clear()
             try:
                 if time.monotonic() >= next_scan:
-                    self._dirty.update(await self.store.active_ids())
+                    active = set(await self.store.active_ids())
+                    self._dirty.update(active)
+                    self._forget_all_but(active)
                     next_scan = time.monotonic() + self.scan_sec
                 batch, self._dirty = self._dirty, set()
                 for pipeline_id in sorted(batch):
@@ -128,15 +130,14 @@ class PipelineRunner:
                 log.warning("pipelines paused: Redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 
-    # -- submit and cancel -------------------------------------------------------
-    def plan(self, document: Any) -> dict[str, Any]:
-        """The checked plan of a pipeline document, or SpecError."""
-        return plan_pipeline(
-            document,
-            check=lambda docs: intake.check(self.fleet, docs, MAX_ITEMS),
-            result_fields=result_fields,
-        )
+    def _forget_all_but(self, active: set[str]) -> None:
+        """Drop what is remembered of pipelines no longer active (ended here, or by
+        another orchestrator, or deleted)."""
+        for cache in (self._ended, self._locks):
+            for pipeline_id in [p for p in cache if p not in active]:
+                del cache[pipeline_id]
 
+    # -- submit and cancel -------------------------------------------------------
     async def submit(
         self, plan: dict[str, Any], idempotency_key: str | None = None
     ) -> tuple[str, bool]:
@@ -159,7 +160,11 @@ class PipelineRunner:
             plan["name"] or "unnamed",
             len(plan["stages"]),
         )
-        await self.evaluate(pipeline_id)
+        try:
+            await self.evaluate(pipeline_id)
+        except Exception:  # stored: the runner's loop evaluates it again in a moment
+            log.exception("pipeline %s: first evaluation failed; retrying", pipeline_id)
+            self.touch(pipeline_id)
         return pipeline_id, True
 
     async def cancel(self, pipeline_id: str) -> tuple[bool, str]:
@@ -170,7 +175,7 @@ class PipelineRunner:
             return False, "missing"
         _, status = await self.store.update(pipeline_id, status=PipelineStatus.CANCELLED)
         if status != PipelineStatus.CANCELLED or row.status != PipelineStatus.RUNNING:
-            return False, row.status.value
+            return False, (status or row.status).value
         log.info("pipeline %s: cancelled", pipeline_id)
         await self.evaluate(pipeline_id)  # cancels the stages' tasks (CANCELLED at once)
         await self.evaluate(pipeline_id)  # and records their stages as cancelled
@@ -196,7 +201,15 @@ class PipelineRunner:
             now = time.time()
             for name in row.plan["order"]:
                 if records[name].state == StageState.WAITING:
-                    await self._consider(row, name, stages[name], now)
+                    try:
+                        await self._consider(row, name, stages[name], now)
+                    except (RedisError, OSError):
+                        raise
+                    except Exception as exc:  # a bug must end the stage, not retry for ever
+                        log.exception("pipeline %s: stage %s", pipeline_id, name)
+                        await self._end(
+                            row, name, StageState.FAILED, f"internal error releasing it: {exc!r}"
+                        )
         if all(r.state.final for r in records.values()):
             failed = [n for n, r in records.items() if r.state in _UNSUCCESSFUL]
             final = PipelineStatus.FAILED if failed else PipelineStatus.DONE
@@ -316,10 +329,13 @@ class PipelineRunner:
 
     # -- release -----------------------------------------------------------------
     async def _release(self, row: PipelineRow, name: str, stage: dict[str, Any]) -> None:
+        document = stage_document(row.plan, name)
+        refs = templated_paths(document)
         try:
             values = await self._upstream(row, stage)
-            dirs = await self._outputs_dirs(row, stage, values) if _reads_outputs_dir(stage) else {}
-            docs, inputs, items = self._resolve(row, stage, values, dirs)
+            reads_dirs = any(r.field == "outputs_dir" for found in refs.values() for r in found)
+            dirs = await self._outputs_dirs(row, stage, values) if reads_dirs else {}
+            docs, inputs, items = self._resolve(row, stage, document, refs, values, dirs)
         except TemplateError as exc:
             await self._end(row, name, StageState.FAILED, f"cannot resolve its inputs: {exc}")
             return
@@ -393,6 +409,8 @@ class PipelineRunner:
         self,
         row: PipelineRow,
         stage: dict[str, Any],
+        document: dict[str, Any],
+        refs: dict[str, list[Ref]],
         values: dict[str, list[dict]],
         outputs_dirs: dict[str, str],
     ) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any] | None]:
@@ -448,7 +466,6 @@ class PipelineRunner:
                 raise TemplateError(f"stage {stage_name} has {len(results)} result(s)")
             return follow(results[n], ref.path[1:], f"stage {stage_name}'s results[{n}]")
 
-        document = stage["document"]
         items = stage["forEach"]
         if isinstance(items, list):
             items = unescape(items)  # as the user gave them: escaped for the partial render
@@ -460,7 +477,6 @@ class PipelineRunner:
                 )
             if len(items) > MAX_ITEMS:
                 raise TemplateError(f"forEach: {len(items)} items; at most {MAX_ITEMS}")
-        refs = templated_paths(document)
         if items is None:
             docs = [render(document, lookup)]
             first: tuple[Any, int] | None = (MISSING, 0)
@@ -520,12 +536,14 @@ class PipelineRunner:
         stage is evaluated at every batch of its tasks' ends, and each evaluation then reads
         a chunk or two, not every task still running."""
         ended = self._ended.setdefault(pipeline_id, {})
+        out = {t: ended[t] for t in task_ids if t in ended}
         todo = [t for t in task_ids if t not in ended]
         for start in range(0, len(todo), ENDED_CHUNK):
-            await self._tasks(pipeline_id, todo[start : start + ENDED_CHUNK])
-            if any(t not in ended for t in todo[start : start + ENDED_CHUNK]):
-                return None  # still going (or gone: then the stage never ends by itself)
-        return {t: ended[t] for t in task_ids}
+            tasks = await self._tasks(pipeline_id, todo[start : start + ENDED_CHUNK])
+            if any(not TaskStatus(t["status"]).terminal for t in tasks.values()):
+                return None
+            out.update(tasks)
+        return out
 
     async def _tasks(self, pipeline_id: str, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """TASK_FIELDS of each task; ended ones are remembered and not read again."""
@@ -540,24 +558,27 @@ class PipelineRunner:
                     pipe.hmget(k.task(task_id), list(TASK_FIELDS))
                 rows = await pipe.execute()
             for task_id, values in zip(chunk, rows, strict=True):
-                if values[0] is None:
-                    continue
-                task = dict(zip(TASK_FIELDS, values, strict=True))
-                task["result"] = json.loads(task["result"]) if task["result"] else None
-                task["error"] = json.loads(task["error"]) if task["error"] else None
-                task["finished_at"] = float(task["finished_at"]) if task["finished_at"] else None
+                task: dict[str, Any]
+                if values[0] is None:  # deleted from Redis: it will never end by itself
+                    task = {
+                        "status": TaskStatus.FAILED.value,
+                        "error": {"message": f"task {task_id} is no longer in Redis"},
+                        "result": None,
+                        "last_worker_id": None,
+                        "finished_at": None,
+                    }
+                else:
+                    task = dict(zip(TASK_FIELDS, values, strict=True))
+                    task["result"] = json.loads(task["result"]) if task["result"] else None
+                    task["error"] = json.loads(task["error"]) if task["error"] else None
+                    finished = task["finished_at"]
+                    task["finished_at"] = float(finished) if finished else None
                 out[task_id] = task
-                if TaskStatus(task["status"]).terminal:
+                # FAILED is not final: a dead letter can be requeued; read it again.
+                if values[0] is None or task["status"] in _FINAL_TASK:
                     ended[task_id] = task
         return out
 
 
-def _reads_outputs_dir(stage: dict[str, Any]) -> bool:
-    return any(
-        r.field == "outputs_dir"
-        for refs in templated_paths(stage["document"]).values()
-        for r in refs
-    )
-
-
+_FINAL_TASK = frozenset({TaskStatus.DONE.value, TaskStatus.CANCELLED.value})
 _UNSUCCESSFUL = frozenset({StageState.FAILED, StageState.CANCELLED})

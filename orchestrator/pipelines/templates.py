@@ -56,6 +56,17 @@ class Ref:
     def needs_result(self) -> bool:
         return self.field in ("result", "results")
 
+    @property
+    def result_key(self) -> str | None:
+        """The top-level result field read (`x` of `result.x` and of `results[*].x`)."""
+        if self.field == "result":
+            key = self.path[0] if self.path else None
+        elif self.field == "results":
+            key = self.path[1] if len(self.path) > 1 else None
+        else:
+            return None
+        return key if isinstance(key, str) else None
+
 
 def parse_ref(text: str) -> Ref:
     expr = text.strip()
@@ -112,7 +123,13 @@ _GRAMMAR = (
 
 
 def refs_in(text: str) -> list[Ref]:
-    return [parse_ref(m.group(1)) for m in TEMPLATE.finditer(text) if m.group(1) is not None]
+    refs = []
+    for m in TEMPLATE.finditer(text):
+        if m.group(1) is not None:
+            refs.append(parse_ref(m.group(1)))
+    if "${" in TEMPLATE.sub("", text):
+        raise TemplateError(f"{text!r} opens a ${{ it never closes (write $${{ for a literal ${{)")
+    return refs
 
 
 def walk_strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
@@ -132,7 +149,10 @@ def templated_paths(spec: Any, prefix: str = "") -> dict[str, list[Ref]]:
     out: dict[str, list[Ref]] = {}
     for path, text in walk_strings(spec, prefix):
         if "${" in text:
-            refs = refs_in(text)
+            try:
+                refs = refs_in(text)
+            except TemplateError as exc:
+                raise TemplateError(f"{path}: {exc}") from None
             if refs:
                 out[path] = refs
     return out
@@ -161,6 +181,13 @@ def render(value: Any, lookup: Lookup, path: str = "", *, final: bool = True) ->
     return value
 
 
+def _parse(text: str, path: str) -> Ref:
+    try:
+        return parse_ref(text)
+    except TemplateError as exc:
+        raise TemplateError(f"{path or 'value'}: {exc}") from None
+
+
 def _value(ref: Ref, lookup: Lookup, path: str) -> Any:
     try:
         value = lookup(ref)
@@ -180,7 +207,7 @@ def _render_string(text: str, lookup: Lookup, path: str, final: bool) -> Any:
         return text
     whole = matches[0].span() == (0, len(text)) and matches[0].group(1) is not None
     if whole:
-        value = _value(parse_ref(matches[0].group(1)), lookup, path)
+        value = _value(_parse(matches[0].group(1), path), lookup, path)
         return text if value is KEEP else value
     out: list[str] = []
     last = 0
@@ -189,7 +216,7 @@ def _render_string(text: str, lookup: Lookup, path: str, final: bool) -> Any:
         if m.group(1) is None:
             out.append("${" if final else "$${")
         else:
-            value = _value(parse_ref(m.group(1)), lookup, path)
+            value = _value(_parse(m.group(1), path), lookup, path)
             if value is KEEP:
                 out.append(m.group(0))
                 last = m.end()

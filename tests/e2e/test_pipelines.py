@@ -208,6 +208,71 @@ def test_graph_fans_out_and_in_in_item_order(orchestrator, start_worker):
             "spec.stages[0].onUpstreamFailure",
             "'fail', 'skip' or 'run'",
         ),
+        (
+            {
+                "taskType": "echo",
+                "params": {"n": 5},
+                "stages": [{"name": "a", "forEach": "${params.n}"}],
+            },
+            "spec.stages[0].forEach",
+            "forEach is a list, or one template giving a list; got a number",
+        ),
+        (
+            {
+                "taskType": "echo",
+                "stages": [{"name": "a"}, {"name": "b", "forEach": ["${a.task_id}"]}],
+            },
+            "spec.stages[1].forEach",
+            "items are used as they are",
+        ),
+        (
+            {"taskType": "echo", "stages": [{"name": "params"}]},
+            "spec.stages[0].name",
+            "cannot name a stage",
+        ),
+        (
+            {
+                "taskType": "echo",
+                "stages": [{"name": "a", "spec": {"echo": {"message": "${a.result"}}}],
+            },
+            "spec.stages[0]",
+            "opens a ${ it never closes",
+        ),
+        (
+            # a fan-in template in a list field must not hide the executor's own checks
+            {
+                "taskType": "echo",
+                "stages": [
+                    {"name": "a"},
+                    {
+                        "name": "b",
+                        "spec": {
+                            "data": {"items": "${a.results[*].message}"},
+                            "echo": {"mesage": "typo"},
+                        },
+                    },
+                ],
+            },
+            "spec.stages[1].spec.echo.mesage",
+            "Extra inputs are not permitted",
+        ),
+        (
+            # a known item is checked where it lands
+            {
+                "taskType": "echo",
+                "stages": [{"name": "a", "forEach": [5000], "spec": {"priority": "${item}"}}],
+            },
+            "spec.stages[0].spec.priority",
+            "less than or equal to 1000",
+        ),
+        (
+            {
+                "taskType": "echo",
+                "stages": [{"name": "a", "forEach": ["echo"], "spec": {"taskType": "${item}"}}],
+            },
+            "spec.stages[0].spec.taskType",
+            "taskType cannot be a template",
+        ),
     ],
 )
 def test_bad_pipelines_are_refused_naming_stage_and_field(orchestrator, rdb, spec, loc, words):
@@ -216,6 +281,47 @@ def test_bad_pipelines_are_refused_naming_stage_and_field(orchestrator, rdb, spe
     assert any(e["loc"] == loc and words in e["msg"] for e in body["errors"]), body
     assert rdb.zcard("pipelines:all") == 0
     assert rdb.zcard("tasks:all") == before
+
+
+def test_a_task_key_is_not_a_pipeline_key(orchestrator, rdb):
+    headers = {"Idempotency-Key": "shared-key"}
+    r = orchestrator.http.post(
+        "/api/v1/tasks", json={"spec": {"taskType": "echo"}}, headers=headers
+    )
+    assert r.status_code == 201
+    pipeline = {"kind": "Pipeline", "spec": {"taskType": "echo", "stages": [{"name": "a"}]}}
+    r = orchestrator.http.post("/api/v1/pipelines", json=pipeline, headers=headers)
+    assert r.status_code == 422 and "already used" in r.json()["detail"]
+    assert rdb.zcard("pipelines:all") == 0
+    again = orchestrator.http.post(
+        "/api/v1/tasks", json={"spec": {"taskType": "echo"}}, headers=headers
+    )
+    assert again.status_code == 200 and again.json()["idempotent_replay"] is True
+
+
+def test_a_stage_whose_task_vanished_from_redis_fails_instead_of_waiting_for_ever(
+    start_orchestrator, start_worker, rdb
+):
+    orchestrator = start_orchestrator(FLOWMESH_PIPELINE_SCAN_SEC="0.2")
+    start_worker("w1")
+    view = submit(
+        orchestrator,
+        {
+            "kind": "Pipeline",
+            "spec": {
+                "taskType": "echo",
+                "stages": [{"name": "a", "spec": {"echo": {"delaySec": 30}}}, {"name": "b"}],
+            },
+        },
+    )
+    task_id = stage(view, "a")["tasks"][0]["task_id"]
+    orchestrator.wait(task_id, statuses=("RUNNING",))
+    rdb.delete(f"task:{task_id}")
+    done = wait_pipeline(orchestrator, view["pipeline_id"], timeout=20)
+    assert done["status"] == "FAILED"
+    assert f"task {task_id} is no longer in Redis" in stage(done, "a")["reason"]
+    assert stage(done, "b")["reason"] == "upstream a failed"
+    assert rdb.scard("pipelines:active") == 0
 
 
 def test_failed_stage_fails_skips_or_runs_its_dependants(orchestrator, start_worker):
@@ -320,15 +426,12 @@ def test_cancel_pipeline_cancels_every_unfinished_stage(orchestrator, start_work
         },
     )
     pid = view["pipeline_id"]
-    wait_until(
-        lambda: (
-            stage(orchestrator.http.get(f"/api/v1/pipelines/{pid}").json(), "slow")[
-                "task_states"
-            ].get("RUNNING")
-            == 2
-        ),
-        timeout=20,
-    )
+
+    def ready(view: dict) -> bool:
+        slow = stage(view, "slow")["task_states"].get("RUNNING") == 2
+        return slow and stage(view, "quick")["state"] == "done"
+
+    wait_until(lambda: ready(orchestrator.http.get(f"/api/v1/pipelines/{pid}").json()), timeout=20)
     r = orchestrator.http.post(f"/api/v1/pipelines/{pid}/cancel")
     assert r.status_code == 200, r.text
     done = wait_pipeline(orchestrator, pid, timeout=20)
@@ -468,7 +571,9 @@ def test_a_stage_prefers_the_worker_holding_its_input_and_says_why(orchestrator,
     consumer = orchestrator.task(stage(done, "consume")["tasks"][0]["task_id"])
     assert consumer["worker_id"] == "w1"
     assert consumer["placed_because"] == "w1 holds the outputs of stage produce"
-    assert consumer["result"]["message"].endswith(f"/{stage(done, 'produce')['tasks'][0]['task_id']}")
+    assert consumer["result"]["message"].endswith(
+        f"/{stage(done, 'produce')['tasks'][0]['task_id']}"
+    )
     # Without a pipeline input, the same task goes by load: to w2.
     (plain,) = orchestrator.submit({"spec": {"taskType": "echo"}})
     assert orchestrator.wait(plain)["worker_id"] == "w2"

@@ -98,7 +98,7 @@ def test_graph_helpers():
 
 
 def test_a_parameter_holding_a_template_stays_literal_through_release():
-    from orchestrator.pipelines.planner import plan_pipeline
+    from orchestrator.pipelines.planner import plan_pipeline, stage_document
 
     def no_lookup(ref: Ref):
         raise AssertionError(f"{ref.text} was read as a template")
@@ -124,7 +124,16 @@ def test_a_parameter_holding_a_template_stays_literal_through_release():
     )
     a = plan["stages"]["a"]
     assert a["deps"] == [] and a["sources"] == []  # no dependency on a stage named `secret`
-    assert render(a["document"], no_lookup)["spec"]["echo"]["message"] == "costs ${secret.result.x}"
+    document = stage_document(plan, "a")
+    assert render(document, no_lookup)["spec"]["echo"]["message"] == "costs ${secret.result.x}"
     from orchestrator.pipelines.templates import unescape
 
     assert unescape(plan["stages"]["b"]["forEach"]) == ["${a}", "b"]
+
+
+def test_a_thousand_stages_in_reverse_order_are_checked_without_recursion():
+    deps = {f"s{i}": [f"s{i + 1}"] for i in range(999)}
+    deps["s999"] = []
+    assert find_cycle(deps) is None
+    deps["s999"] = ["s0"]
+    assert len(find_cycle(deps)) == 1001
