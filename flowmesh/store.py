@@ -12,6 +12,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -313,6 +314,20 @@ class TaskStore:
                 pipe.hgetall(self.keys.task(task_id))
             rows = await pipe.execute()
         return [decode_task(r) for r in rows if r]
+
+    async def fields(
+        self, task_ids: Sequence[str], names: Sequence[str]
+    ) -> dict[str, list[str | None]]:
+        """`names` of each task (None for a field or task that is not there), pipelined a
+        thousand tasks per round trip."""
+        out: dict[str, list[str | None]] = {}
+        for start in range(0, len(task_ids), 1000):
+            chunk = task_ids[start : start + 1000]
+            async with self.conn.pipeline(transaction=False) as pipe:
+                for task_id in chunk:
+                    pipe.hmget(self.keys.task(task_id), list(names))
+                out.update(zip(chunk, await pipe.execute(), strict=True))
+        return out
 
     async def list_tasks(
         self,

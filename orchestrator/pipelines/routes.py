@@ -153,15 +153,8 @@ async def pipeline_view(r: PipelineRunner, row: PipelineRow) -> dict[str, Any]:
     plan = row.plan
     shown = {name: record.task_ids[:TASKS_SHOWN] for name, record in row.stages.items()}
     counted = {name: record.task_ids for name, record in row.stages.items()}
-    k = r.fleet.keys
     wanted = [t for ids in counted.values() for t in ids]
-    fields: dict[str, list[Any]] = {}
-    for start in range(0, len(wanted), 1000):
-        chunk = wanted[start : start + 1000]
-        async with r.fleet.conn.pipeline(transaction=False) as pipe:
-            for task_id in chunk:
-                pipe.hmget(k.task(task_id), list(TASK_VIEW))
-            fields.update(zip(chunk, await pipe.execute(), strict=True))
+    fields = await r.fleet.store.fields(wanted, TASK_VIEW)
     stages = []
     for name in plan["order"]:
         stage, record = plan["stages"][name], row.stages[name]

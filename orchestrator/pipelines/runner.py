@@ -550,33 +550,26 @@ class PipelineRunner:
         ended = self._ended.setdefault(pipeline_id, {})
         out = {t: ended[t] for t in task_ids if t in ended}
         todo = [t for t in task_ids if t not in ended]
-        k = self.fleet.keys
-        for start in range(0, len(todo), 1000):
-            chunk = todo[start : start + 1000]
-            async with self.fleet.conn.pipeline(transaction=False) as pipe:
-                for task_id in chunk:
-                    pipe.hmget(k.task(task_id), list(TASK_FIELDS))
-                rows = await pipe.execute()
-            for task_id, values in zip(chunk, rows, strict=True):
-                task: dict[str, Any]
-                if values[0] is None:  # deleted from Redis: it will never end by itself
-                    task = {
-                        "status": TaskStatus.FAILED.value,
-                        "error": {"message": f"task {task_id} is no longer in Redis"},
-                        "result": None,
-                        "last_worker_id": None,
-                        "finished_at": None,
-                    }
-                else:
-                    task = dict(zip(TASK_FIELDS, values, strict=True))
-                    task["result"] = json.loads(task["result"]) if task["result"] else None
-                    task["error"] = json.loads(task["error"]) if task["error"] else None
-                    finished = task["finished_at"]
-                    task["finished_at"] = float(finished) if finished else None
-                out[task_id] = task
-                # FAILED is not final: a dead letter can be requeued; read it again.
-                if values[0] is None or task["status"] in _FINAL_TASK:
-                    ended[task_id] = task
+        for task_id, values in (await self.fleet.store.fields(todo, TASK_FIELDS)).items():
+            task: dict[str, Any]
+            if values[0] is None:  # deleted from Redis: it will never end by itself
+                task = {
+                    "status": TaskStatus.FAILED.value,
+                    "error": {"message": f"task {task_id} is no longer in Redis"},
+                    "result": None,
+                    "last_worker_id": None,
+                    "finished_at": None,
+                }
+            else:
+                task = dict(zip(TASK_FIELDS, values, strict=True))
+                task["result"] = json.loads(task["result"]) if task["result"] else None
+                task["error"] = json.loads(task["error"]) if task["error"] else None
+                finished = task["finished_at"]
+                task["finished_at"] = float(finished) if finished else None
+            out[task_id] = task
+            # FAILED is not final: a dead letter can be requeued; read it again.
+            if values[0] is None or task["status"] in _FINAL_TASK:
+                ended[task_id] = task
         return out
 
 
