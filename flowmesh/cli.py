@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from flowmesh.client import ApiError, Client
 from flowmesh.config import env_str, environ
@@ -78,7 +79,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
             return _submitted_pipeline(client, reply, args, console)
         tasks = reply["tasks"]
         for t in tasks:
-            console.print(f"submitted {t['task_id']} {t.get('name') or ''} {t['status']}")
+            console.print(f"submitted {t['task_id']} {escape(t.get('name') or '')} {t['status']}")
         if not args.wait:
             return 0
         final = watch(client, [t["task_id"] for t in tasks], console, timeout=args.timeout)
@@ -126,7 +127,7 @@ def _submitted_pipeline(
         " (already submitted with this Idempotency-Key)" if view.get("idempotent_replay") else ""
     )
     console.print(
-        f"submitted pipeline {pipeline_id} {view.get('name') or ''} "
+        f"submitted pipeline {pipeline_id} {escape(view.get('name') or '')} "
         f"({len(view['stages'])} stage(s)){replay}"
     )
     if not args.wait:
@@ -162,9 +163,11 @@ def cmd_pipelines(args: argparse.Namespace, console: Console) -> int:
         client.close()
     for p in page["pipelines"]:
         stages = " ".join(f"{state}={n}" for state, n in sorted(p["stages"].items()))
-        console.print(f"{p['pipeline_id']}  {p['status']:<9} {p['name'] or '-':<20} {stages}")
+        name = escape(p["name"] or "-")
+        console.print(f"{p['pipeline_id']}  {p['status']:<9} {name:<20} {stages}")
     if page["next_cursor"]:
-        console.print(f"(more: --cursor {page['next_cursor']})")
+        again = " --order desc" if args.order == "desc" else ""
+        console.print(f"(more: --cursor {page['next_cursor']}{again})")
     return 0
 
 
@@ -265,7 +268,7 @@ def cmd_dead_letters(args: argparse.Namespace, console: Console) -> int:
             err = t.get("error") or {}
             console.print(
                 f"{t['task_id']}  {t['task_type']:<10} attempts={t['attempts']} "
-                f"{err.get('kind')}: {err.get('message')}"
+                f"{err.get('kind')}: {escape(str(err.get('message')))}"
             )
     finally:
         client.close()

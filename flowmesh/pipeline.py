@@ -38,8 +38,6 @@ MAX_STAGES = 1000
 # Tasks one forEach stage may become.
 MAX_ITEMS = 10_000
 DEFAULT_WAIT_SEC = 7 * 86_400.0
-# The pipeline's own fields in `spec`; every other field is the base task spec.
-PIPELINE_FIELDS = frozenset({"stages", "graph", "params", "waitTimeoutSec"})
 
 StageName = Annotated[str, Field(pattern=STAGE_NAME)]
 

@@ -5,7 +5,7 @@ together, once).
 `pipeline:<id>` fields: pipeline_id, name, status (RUNNING | DONE | FAILED | CANCELLED),
 seq, plan (the checked pipeline as JSON: stages, dependencies, specs with their templates),
 created_at, updated_at, finished_at, and `stage:<name>` per stage: a JSON record
-{state, task_ids, reason, released_at, finished_at, inputs}. Stage states:
+{state, task_ids, reason, released_at, finished_at, inputs, items}. Stage states:
 
     waiting ──release──▶ running ──its tasks end──▶ done | failed | cancelled
        └──────────────▶ failed | skipped | cancelled   (upstream outcome, deadline, cancel)

@@ -4,7 +4,8 @@
 -- KEYS: 1 pipeline hash, 2 pipelines:active
 -- ARGV: 1 now, 2 a JSON array of [stage field, the state it must be in, its new record
 --       (JSON)], 3 the pipeline's new status ('' to keep it; only a RUNNING pipeline
---       changes), 4 '1' to take the pipeline off pipelines:active (it needs no more work)
+--       changes), 4 '1' to take the pipeline off pipelines:active (it needs no more work),
+--       5 the pipeline's id (taken off pipelines:active even when its hash is gone)
 -- Returns {number of stage records changed, the pipeline's status after}.
 local changed = 0
 for _, u in ipairs(cjson.decode(ARGV[2])) do

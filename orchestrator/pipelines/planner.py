@@ -9,9 +9,11 @@ parameters written in (and a forEach's first known item), validated like a submi
 task. A field that still holds an upstream template can only be checked when it
 resolves: the runner validates the resolved spec again at release.
 
-The plan (JSON, stored in the pipeline hash) holds per stage: its dependencies (the
-explicit ones and the stages its templates read), policy, deadline, forEach, and the
-task document with the parameters written in and the upstream templates left in place.
+The plan (JSON, stored in the pipeline hash) holds the parameters, the base spec (once),
+the stages in an order that puts each after its dependencies, and per stage: its
+dependencies (those it names and those its templates read), policy, deadline, forEach,
+taskType, metadata and its own spec, with the parameters written in and upstream
+templates left in place; `stage_document` merges a stage's task document at release.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from flowmesh.pipeline import (
 from flowmesh.spec import SpecError, TaskSpec
 from orchestrator.pipelines.templates import (
     KEEP,
+    TEMPLATE,
     Ref,
     TemplateError,
     escape,
     follow,
+    kind,
     render,
     templated_paths,
     unescape,
@@ -73,7 +77,7 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
     for i, stage in enumerate(pipeline.stages):
         where = pipeline.stage_path(i)
         meta = stage.metadata.model_dump(exclude_none=True)
-        meta.setdefault("name", f"{pipeline.name or 'pipeline'}.{stage.name}")
+        meta.setdefault("name", escape(f"{pipeline.name or 'pipeline'}.{stage.name}"))
         try:
             own = render(stage.spec, params_only, "spec", final=False)
             meta = render(meta, params_only, "metadata", final=False)
@@ -136,7 +140,6 @@ def plan_pipeline(document: Any, *, check: Check, result_fields: ResultFields) -
             key=index.__getitem__,
         )
         stages[name] = {
-            "index": i,
             "deps": sorted(deps[name], key=index.__getitem__),
             "forEach": for_each[name],
             "onUpstreamFailure": stage.onUpstreamFailure,
@@ -187,23 +190,17 @@ def _for_each_problem(items: Any, refs: list[Ref] | None) -> str | None:
             f"${{stage.result.x}}); got {items!r}"
         )
     if not isinstance(items, list):
-        return f"forEach is a list, or one template giving a list; got {_kind(items)}"
+        return f"forEach is a list, or one template giving a list; got {kind(items)}"
     if len(items) > MAX_ITEMS:
         return f"forEach has {len(items)} items; at most {MAX_ITEMS}"
     inside = templated_paths(items, "forEach")
     if inside:
         path, found = next(iter(inside.items()))
         return (
-            f"{path}: ${{{found[0].text}}}: a forEach list's items are used as they are, "
-            "templates inside them are not read (write $${ for a literal ${)"
+            f"{path}: ${{{found[0].text}}}: a forEach list's items are used as they are; only "
+            "${params.*} is written into them (write $${ for a literal ${)"
         )
     return None
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def _reads_files(ref: Ref) -> bool:
@@ -309,13 +306,16 @@ def _check_spec(
 
 
 def _without(value: Any, paths: set[str], path: str = "") -> Any:
-    """`value` without the mapping entries at `paths` that hold a template and nothing else."""
+    """`value` without the mapping entries at `paths` that hold a template and nothing else
+    (in lists of mappings too)."""
+    if isinstance(value, list):
+        return [_without(v, paths, f"{path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, dict):
         return value
     out = {}
     for key, item in value.items():
         here = f"{path}.{key}" if path else str(key)
-        if here in paths and isinstance(item, str) and item.startswith("${"):
+        if here in paths and isinstance(item, str) and TEMPLATE.fullmatch(item):
             continue
         out[key] = _without(item, paths, here)
     return out

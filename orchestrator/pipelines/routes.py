@@ -35,7 +35,7 @@ async def submit_pipeline(request: Request, docs: list[Any], key: str | None, ru
     """One pipeline document, checked whole (on a worker thread for a large body: `run`),
     stored, and its first stages released."""
     if len(docs) != 1:
-        where = next(i for i, d in enumerate(docs) if is_pipeline(d))
+        where = next((i for i, d in enumerate(docs) if is_pipeline(d)), 0)
         return spec_error(
             SpecError(
                 [(f"[{where}]", "a pipeline is submitted alone, not in a batch with other specs")]
@@ -53,7 +53,10 @@ async def submit_pipeline(request: Request, docs: list[Any], key: str | None, ru
         return spec_error(exc)
     pipeline_id, created = await r.submit(plan, key)
     row = await r.store.get(pipeline_id)
-    assert row is not None
+    if row is None:  # a replayed key whose pipeline has been deleted since
+        raise HTTPException(
+            409, f"Idempotency-Key {key!r} named pipeline {pipeline_id}, which no longer exists"
+        )
     view = await pipeline_view(r, row)
     view["idempotent_replay"] = not created
     return JSONResponse(status_code=201 if created else 200, content=view)
@@ -69,7 +72,7 @@ async def submit(request: Request) -> Any:
     if isinstance(read, JSONResponse):
         return read
     docs, key, run = read
-    if not all(is_pipeline(d) for d in docs):
+    if not docs or not all(is_pipeline(d) for d in docs):
         return spec_error(
             SpecError([("body", "not a pipeline: a pipeline has spec.stages or spec.graph")])
         )

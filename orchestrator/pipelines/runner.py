@@ -44,15 +44,10 @@ from flowmesh.store import StageNotReleased, StageRelease
 from orchestrator import intake
 from orchestrator.fleet import Fleet
 from orchestrator.pipelines.planner import stage_document
+from orchestrator.pipelines.release import locality, resolve
 from orchestrator.pipelines.templates import (
-    MISSING,
-    Ref,
     TemplateError,
-    follow,
-    render,
     templated_paths,
-    unescape,
-    walk_strings,
 )
 from orchestrator.waiters import Waiters
 
@@ -61,8 +56,6 @@ log = logging.getLogger(__name__)
 TASK_FIELDS = ("status", "result", "last_worker_id", "error", "finished_at")
 # Tasks of a running stage read per round trip while checking whether all have ended.
 ENDED_CHUNK = 64
-# An input recorded in the stage's record is cut to this many characters of JSON.
-INPUT_SHOWN = 2000
 
 
 def result_fields(task_type: str) -> frozenset[str] | None:
@@ -133,9 +126,12 @@ class PipelineRunner:
     def _forget_all_but(self, active: set[str]) -> None:
         """Drop what is remembered of pipelines no longer active (ended here, or by
         another orchestrator, or deleted)."""
-        for cache in (self._ended, self._locks):
-            for pipeline_id in [p for p in cache if p not in active]:
-                del cache[pipeline_id]
+        for pipeline_id in [p for p in self._ended if p not in active]:
+            del self._ended[pipeline_id]
+        for pipeline_id, lock in list(self._locks.items()):
+            # one being submitted may not be in `active` as read: keep a lock in use
+            if pipeline_id not in active and not lock.locked():
+                del self._locks[pipeline_id]
 
     # -- submit and cancel -------------------------------------------------------
     async def submit(
@@ -322,10 +318,13 @@ class PipelineRunner:
         if changed:
             row.stages[name] = new
             return True
-        fresh = await self.store.get(row.pipeline_id)  # someone else moved it: read again
+        await self._reread(row, name)  # someone else moved it
+        return False
+
+    async def _reread(self, row: PipelineRow, name: str) -> None:
+        fresh = await self.store.get(row.pipeline_id)
         if fresh is not None:
             row.stages[name] = fresh.stages[name]
-        return False
 
     # -- release -----------------------------------------------------------------
     async def _release(self, row: PipelineRow, name: str, stage: dict[str, Any]) -> None:
@@ -335,7 +334,7 @@ class PipelineRunner:
             values = await self._upstream(row, stage)
             reads_dirs = any(r.field == "outputs_dir" for found in refs.values() for r in found)
             dirs = await self._outputs_dirs(row, stage, values) if reads_dirs else {}
-            docs, inputs, items = self._resolve(row, stage, document, refs, values, dirs)
+            docs, inputs, items = resolve(row, stage, document, refs, values, dirs)
         except TemplateError as exc:
             await self._end(row, name, StageState.FAILED, f"cannot resolve its inputs: {exc}")
             return
@@ -364,7 +363,7 @@ class PipelineRunner:
             inputs=inputs,
             items=len(specs) if items is not None else None,
         )
-        prefer, why = self._locality(row, stage, values)
+        prefer, why = locality(stage, values)
         release = StageRelease(
             pipeline_id=row.pipeline_id,
             stage=name,
@@ -383,9 +382,7 @@ class PipelineRunner:
             await self.fleet.submit(specs, None, intake.merge_keys_of(specs), release=release)
         except StageNotReleased as exc:
             log.debug("pipeline %s: stage %s not released: %s", row.pipeline_id, name, exc)
-            fresh = await self.store.get(row.pipeline_id)
-            if fresh is not None:
-                row.stages[name] = fresh.stages[name]
+            await self._reread(row, name)
             return
         row.stages[name] = record
         log.info(
@@ -405,96 +402,6 @@ class PipelineRunner:
             out[dep] = [tasks.get(t) or {} for t in row.stages[dep].task_ids]
         return out
 
-    def _resolve(
-        self,
-        row: PipelineRow,
-        stage: dict[str, Any],
-        document: dict[str, Any],
-        refs: dict[str, list[Ref]],
-        values: dict[str, list[dict]],
-        outputs_dirs: dict[str, str],
-    ) -> tuple[list[dict[str, Any]], dict[str, Any], list[Any] | None]:
-        """The stage's task documents (one per item), its inputs as resolved for the
-        record, and its items (None without forEach)."""
-
-        def lookup(ref: Ref, item: Any = MISSING, index: int = 0) -> Any:
-            if ref.scope == "item":
-                return follow(item, ref.path, "item")
-            if ref.scope == "index":
-                return index
-            if ref.scope == "params":  # written in at submit; kept here for completeness
-                return follow(row.plan["params"], ref.path, "params")
-            stage_name = ref.stage or ""
-            record = row.stages[stage_name]
-            tasks = values.get(stage_name, [])
-            if ref.field == "status":
-                return record.state.value.upper()
-            if ref.field == "task_ids":
-                return list(record.task_ids)
-            if not record.task_ids:
-                raise TemplateError(f"stage {stage_name} ran no task ({record.state.value})")
-            if ref.field == "task_id":
-                return record.task_ids[0]
-            if ref.field == "outputs_dir":
-                if stage_name not in outputs_dirs:
-                    raise TemplateError(
-                        f"the worker that ran stage {stage_name} is no longer registered, "
-                        "so where its outputs are is not known"
-                    )
-                return outputs_dirs[stage_name]
-            results = [t.get("result") for t in tasks]
-            if ref.field == "result":
-                if len(results) != 1:
-                    raise TemplateError(
-                        f"stage {stage_name} has {len(results)} tasks: use "
-                        f"${{{stage_name}.results[*]...}}"
-                    )
-                if tasks[0].get("status") != TaskStatus.DONE.value:
-                    raise TemplateError(
-                        f"stage {stage_name} has no result: it is {record.state.value}"
-                    )
-                return follow(results[0], ref.path, f"stage {stage_name}'s result")
-            if not ref.path:
-                return results
-            if ref.path[0] == "*":
-                return [
-                    follow(r, ref.path[1:], f"stage {stage_name}'s results[{i}]")
-                    for i, r in enumerate(results)
-                ]
-            n = int(ref.path[0])
-            if not -len(results) <= n < len(results):
-                raise TemplateError(f"stage {stage_name} has {len(results)} result(s)")
-            return follow(results[n], ref.path[1:], f"stage {stage_name}'s results[{n}]")
-
-        items = stage["forEach"]
-        if isinstance(items, list):
-            items = unescape(items)  # as the user gave them: escaped for the partial render
-        elif isinstance(items, str):
-            items = render(items, lookup, "forEach")
-            if not isinstance(items, list):
-                raise TemplateError(
-                    f"forEach: {stage['forEach']} gave {type(items).__name__}, not a list"
-                )
-            if len(items) > MAX_ITEMS:
-                raise TemplateError(f"forEach: {len(items)} items; at most {MAX_ITEMS}")
-        if items is None:
-            docs = [render(document, lookup)]
-            first: tuple[Any, int] | None = (MISSING, 0)
-        else:
-            docs = [
-                render(document, lambda r, it=it, i=i: lookup(r, it, i))  # type: ignore[misc]
-                for i, it in enumerate(items)
-            ]
-            first = (items[0], 0) if items else None
-        inputs: dict[str, Any] = {}
-        if first is not None:
-            for path, text in walk_strings(document):
-                if path in refs:
-                    value = render(text, lambda r: lookup(r, *first), path)
-                    shown = json.dumps(value, ensure_ascii=False)
-                    inputs[path] = value if len(shown) <= INPUT_SHOWN else shown[:INPUT_SHOWN] + "…"
-        return docs, inputs, items
-
     async def _outputs_dirs(
         self, row: PipelineRow, stage: dict[str, Any], values: dict[str, list[dict]]
     ) -> dict[str, str]:
@@ -512,34 +419,16 @@ class PipelineRunner:
                 out[name] = f"{base.rstrip('/')}/{row.stages[name].task_ids[0]}"
         return out
 
-    def _locality(
-        self, row: PipelineRow, stage: dict[str, Any], values: dict[str, list[dict]]
-    ) -> tuple[frozenset[str], str]:
-        """Workers that ran the stages whose results this one reads (their outputs are
-        on those workers' disks and in their download caches), and why."""
-        workers: set[str] = set()
-        sources = []
-        for name in stage.get("sources", ()):
-            ran = {t.get("last_worker_id") for t in values.get(name, []) if t.get("last_worker_id")}
-            if ran:
-                workers |= ran  # type: ignore[arg-type]
-                sources.append(name)
-        if not workers:
-            return frozenset(), ""
-        return frozenset(workers), f"holds the outputs of stage {', '.join(sources)}"
-
     async def _all_ended(
         self, pipeline_id: str, task_ids: Sequence[str]
     ) -> dict[str, dict[str, Any]] | None:
         """TASK_FIELDS of every task when all have ended, else None. Read in order, a
         chunk at a time, stopping at the first chunk with a task still going: a 1,000-task
         stage is evaluated at every batch of its tasks' ends, and each evaluation then reads
-        a chunk or two, not every task still running."""
-        ended = self._ended.setdefault(pipeline_id, {})
-        out = {t: ended[t] for t in task_ids if t in ended}
-        todo = [t for t in task_ids if t not in ended]
-        for start in range(0, len(todo), ENDED_CHUNK):
-            tasks = await self._tasks(pipeline_id, todo[start : start + ENDED_CHUNK])
+        a chunk or two, not every task still running (ended ones are remembered)."""
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(task_ids), ENDED_CHUNK):
+            tasks = await self._tasks(pipeline_id, task_ids[start : start + ENDED_CHUNK])
             if any(not TaskStatus(t["status"]).terminal for t in tasks.values()):
                 return None
             out.update(tasks)

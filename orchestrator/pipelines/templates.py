@@ -53,10 +53,6 @@ class Ref:
         return None if self.scope in ("params", "item", "index") else self.scope
 
     @property
-    def needs_result(self) -> bool:
-        return self.field in ("result", "results")
-
-    @property
     def result_key(self) -> str | None:
         """The top-level result field read (`x` of `result.x` and of `results[*].x`)."""
         if self.field == "result":
@@ -111,8 +107,6 @@ def parse_ref(text: str) -> Ref:
         raise TemplateError(f"${{{text}}}: [*] is for a stage's results only")
     if field in ("task_id", "task_ids", "status", "outputs_dir") and path:
         raise TemplateError(f"${{{text}}}: {field} has no fields")
-    if field == "result" and not path:
-        path = ()
     return Ref(text, scope, field, path)
 
 
@@ -262,21 +256,22 @@ def follow(value: Any, path: tuple[str | int, ...], what: str) -> Any:
         here = what + "".join(f".{s}" if isinstance(s, str) else f"[{s}]" for s in path[:i])
         if isinstance(step, str):
             if not isinstance(value, dict):
-                raise TemplateError(f"{here} is {_kind(value)}, not a mapping with {step!r}")
+                raise TemplateError(f"{here} is {kind(value)}, not a mapping with {step!r}")
             if step not in value:
                 keys = ", ".join(sorted(value)[:20]) or "nothing"
                 raise TemplateError(f"{here} has no {step!r} (it has: {keys})")
             value = value[step]
         else:
             if not isinstance(value, list):
-                raise TemplateError(f"{here} is {_kind(value)}, not a list")
+                raise TemplateError(f"{here} is {kind(value)}, not a list")
             if not -len(value) <= int(step) < len(value):
                 raise TemplateError(f"{here} has {len(value)} item(s); [{step}] is past its end")
             value = value[int(step)]
     return value
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
+    """What a value is, for a message: "a list", "a mapping", "a number"..."""
     if value is None:
         return "null"
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(

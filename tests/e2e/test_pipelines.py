@@ -596,3 +596,5 @@ def test_idempotency_key_replays_a_pipeline_and_refuses_another(orchestrator, rd
     assert mixed.status_code == 422 and "submitted alone" in mixed.text
     task = orchestrator.http.post("/api/v1/pipelines", json={"spec": {"taskType": "echo"}})
     assert task.status_code == 422 and "not a pipeline" in task.text
+    empty = orchestrator.http.post("/api/v1/pipelines", json=[])
+    assert empty.status_code == 422 and "not a pipeline" in empty.text
