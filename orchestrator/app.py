@@ -22,6 +22,7 @@ from flowmesh.store import IdempotencyConflict
 from orchestrator.api import router
 from orchestrator.auth import AccessLog, BodyLimit, TokenAuth
 from orchestrator.fleet import Fleet
+from orchestrator.metrics import router as metrics_router
 from orchestrator.pipelines.routes import router as pipelines_router
 from orchestrator.pipelines.runner import PipelineRunner
 from orchestrator.results import ResultsDir, retention_loop
@@ -118,6 +119,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
     app.include_router(router)
     app.include_router(results_router)
     app.include_router(pipelines_router)
+    app.include_router(metrics_router)
     app.openapi = _with_task_spec_schema(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", summary="Liveness and Redis reachability (no auth)")
