@@ -171,6 +171,20 @@ def cmd_pipelines(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace, console: Console) -> int:
+    actions = [a for a in ("disable", "enable", "drain") if getattr(args, a)]
+    if len(actions) != 1:
+        raise UsageError("say what to do: exactly one of --disable, --enable, --drain")
+    client = _client(args)
+    try:
+        client.worker_action(args.worker_id, actions[0])
+    finally:
+        client.close()
+    done = {"disable": "disabled", "enable": "enabled", "drain": "asked to drain"}[actions[0]]
+    console.print(f"worker {args.worker_id} {done}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     client = _client(args)
     try:
@@ -222,6 +236,7 @@ def cmd_workers(args: argparse.Namespace, console: Console) -> int:
             f"{hw.get('cpu_count')} CPU {hw.get('memory_total', 0) / 2**30:.1f} GiB {gpus}  "
             f"executors={executors} tags={','.join(w['tags']) or '-'} "
             f"running={w['running']}/{w['slots']}"
+            + (f" DISABLED ({escape(w.get('disabled_reason') or '')})" if w.get("disabled") else "")
         )
         for name, state in states.items():
             if state.get("reason"):
@@ -381,6 +396,19 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("workers", help="list registered workers")
     s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser("worker", help="disable, enable or drain a worker")
+    s.add_argument("worker_id")
+    s.add_argument(
+        "--disable", action="store_true", help="take it out of placement (it stays registered)"
+    )
+    s.add_argument("--enable", action="store_true", help="put it back into placement")
+    s.add_argument(
+        "--drain",
+        action="store_true",
+        help="stop it as SIGTERM does: finish or hand back its tasks, deregister, exit",
+    )
+    s.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("demo", help="start a local fleet (embedded Redis), run example tasks")
     s.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")

@@ -169,6 +169,10 @@ class Client:
         path = f"/api/v1/dead-letters/{quote(task_id, safe='')}/requeue"
         return dict(self._call("POST", path))
 
+    def worker_action(self, worker_id: str, action: str) -> dict[str, Any]:
+        """`disable`, `enable` or `drain` a worker."""
+        return dict(self._call("POST", f"/api/v1/workers/{quote(worker_id, safe='')}/{action}"))
+
     def workers(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/workers")["workers"])
 

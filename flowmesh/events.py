@@ -31,6 +31,8 @@ class EventType(StrEnum):
     WORKER_READY = "worker.ready"  # a worker's executor became ready, or failed to
     WORKER_STOPPED = "worker.stopped"  # a worker deregistered
     WORKER_LOST = "worker.lost"  # the orchestrator's lease check gave a worker up
+    WORKER_DISABLED = "worker.disabled"  # the orchestrator took a worker out of placement
+    WORKER_ENABLED = "worker.enabled"  # ... and put it back
 
 
 def add_event(

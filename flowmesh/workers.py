@@ -115,6 +115,12 @@ class WorkerRecord:
     cost_accrued: float = 0.0
     loading_models: list[str] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)
+    # Written by the orchestrator (API or elastic scaling), never by the worker's beats:
+    # a disabled worker stays registered and beating, takes no task and accrues no cost.
+    disabled: bool = False
+    disabled_reason: str = ""
+    disabled_at: float = 0.0
+    drain_requested: bool = False
 
     @property
     def ready_executors(self) -> frozenset[str]:
@@ -173,6 +179,10 @@ class WorkerRecord:
             loading_models=j("loading_models", []),
             engines=j("engines", {}),
             executor_states=_states(j("executor_states", {})),
+            disabled=raw.get("disabled") == "1",
+            disabled_reason=raw.get("disabled_reason", ""),
+            disabled_at=float(raw.get("disabled_at") or 0),
+            drain_requested=raw.get("drain_requested") == "1",
             devices=j("devices", {}),
             load=j("load", {}),
             cost_accrued=float(raw.get("cost_accrued") or 0),
@@ -203,6 +213,10 @@ class WorkerRecord:
             "started_at": self.started_at,
             "last_heartbeat": self.last_seen,
             "version": self.version,
+            "disabled": self.disabled,
+            "disabled_reason": self.disabled_reason or None,
+            "disabled_at": self.disabled_at or None,
+            "drain_requested": self.drain_requested,
         }
 
 
@@ -257,6 +271,30 @@ def beat(
     pipe.hset(keys.worker(worker_id), mapping=presence.to_hash(now))
     if executors_changed:
         add_event(pipe, keys, EventType.WORKER_READY, worker_id=worker_id)
+
+
+def set_disabled(pipe: Any, keys: Keys, worker_id: str, reason: str) -> None:
+    """Take the worker out of placement (dispatch.lua refuses it) without stopping it: its
+    executors stay warm, its beats go on, it accrues no cost. `worker.disabled`."""
+    pipe.hset(
+        keys.worker(worker_id),
+        mapping={"disabled": "1", "disabled_reason": reason, "disabled_at": f"{time.time():.6f}"},
+    )
+    add_event(pipe, keys, EventType.WORKER_DISABLED, worker_id=worker_id, reason=reason)
+
+
+def set_enabled(pipe: Any, keys: Keys, worker_id: str, reason: str) -> None:
+    pipe.hset(keys.worker(worker_id), mapping={"disabled": "", "disabled_reason": ""})
+    pipe.hdel(keys.worker(worker_id), "disabled_at")
+    add_event(pipe, keys, EventType.WORKER_ENABLED, worker_id=worker_id, reason=reason)
+
+
+def request_drain(pipe: Any, keys: Keys, worker_id: str) -> None:
+    """Ask the worker to stop as on SIGTERM: no new tasks, finish or hand back what runs,
+    deregister, exit. Durable (the worker reads the flag every beat interval) and prompt
+    (a `drain` notice on its control channel)."""
+    pipe.hset(keys.worker(worker_id), "drain_requested", "1")
+    pipe.publish(keys.control(worker_id), "drain")
 
 
 def deregister(pipe: Any, keys: Keys, worker_id: str) -> None:

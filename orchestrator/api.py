@@ -223,3 +223,46 @@ async def list_workers(request: Request) -> Any:
         )
         out.append(row)
     return {"workers": out}
+
+
+async def _known_worker(f: Fleet, worker_id: str) -> None:
+    if not await f.conn.sismember(f.keys.worker_ids, worker_id):
+        raise HTTPException(404, f"no registered worker with id {worker_id!r}")
+
+
+@router.post(
+    "/workers/{worker_id}/disable",
+    summary="Take a worker out of placement; it stays registered and warm, and accrues no cost",
+)
+async def disable_worker(worker_id: str, request: Request) -> Any:
+    f = fleet(request)
+    await _known_worker(f, worker_id)
+    async with f.conn.pipeline(transaction=True) as pipe:
+        workers.set_disabled(pipe, f.keys, worker_id, "disabled by request")
+        await pipe.execute()
+    f.wake(refresh=True)
+    return {"worker_id": worker_id, "disabled": True}
+
+
+@router.post("/workers/{worker_id}/enable", summary="Put a disabled worker back into placement")
+async def enable_worker(worker_id: str, request: Request) -> Any:
+    f = fleet(request)
+    await _known_worker(f, worker_id)
+    async with f.conn.pipeline(transaction=True) as pipe:
+        workers.set_enabled(pipe, f.keys, worker_id, "enabled by request")
+        await pipe.execute()
+    f.wake(refresh=True)
+    return {"worker_id": worker_id, "disabled": False}
+
+
+@router.post(
+    "/workers/{worker_id}/drain",
+    summary="Stop a worker as SIGTERM does: no new tasks, finish or hand back, deregister, exit",
+)
+async def drain_worker(worker_id: str, request: Request) -> Any:
+    f = fleet(request)
+    await _known_worker(f, worker_id)
+    async with f.conn.pipeline(transaction=True) as pipe:
+        workers.request_drain(pipe, f.keys, worker_id)
+        await pipe.execute()
+    return {"worker_id": worker_id, "drain_requested": True}

@@ -27,6 +27,7 @@ from orchestrator.pipelines.routes import router as pipelines_router
 from orchestrator.pipelines.runner import PipelineRunner
 from orchestrator.results import ResultsDir, retention_loop
 from orchestrator.results import router as results_router
+from orchestrator.scaling import ElasticScaler
 from orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             idempotency_ttl=settings.idempotency_ttl,
         )
         fleet.scheduler.warm_routing = settings.warm_routing
+        if settings.scaling.enabled:
+            fleet.scaler = ElasticScaler(settings.scaling)
         pipelines = PipelineRunner(
             fleet, scan_sec=settings.pipeline_scan_sec, idempotency_ttl=settings.idempotency_ttl
         )

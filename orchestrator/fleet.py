@@ -28,6 +28,7 @@ from flowmesh.keys import EVENTS_GROUP, Keys, heartbeat_ttl
 from flowmesh.spec import Requirements, TaskSpec
 from flowmesh.status import TaskStatus
 from flowmesh.store import Ending, NewTask, StageRelease, TaskStore
+from orchestrator import scaling
 from orchestrator.merge import MergeKeys
 from orchestrator.scheduler import Scheduler, WorkerView
 from orchestrator.waiters import Waiters
@@ -35,6 +36,8 @@ from orchestrator.waiters import Waiters
 log = logging.getLogger(__name__)
 
 PLAN_BATCH = 1000
+# Elastic scaling decides at most this often (orchestrator.scaling).
+SCALE_EVERY_SEC = 0.25
 
 # Events after which the fleet snapshot is re-read at once: a worker came, changed what it
 # can run (an executor became ready or failed), or went; or a stale report freed a slot.
@@ -44,6 +47,8 @@ REFRESH_ON = frozenset(
         EventType.WORKER_READY,
         EventType.WORKER_STOPPED,
         EventType.WORKER_LOST,
+        EventType.WORKER_DISABLED,
+        EventType.WORKER_ENABLED,
         EventType.TASK_STALE,
     }
 )
@@ -77,6 +82,10 @@ class Fleet:
         # Long-poll readers of a task (GET ?wait=), woken when its end event (finished or
         # cancelled) arrives here.
         self.waiters = Waiters()
+        # Elastic scaling (ENABLE_ELASTIC_SCALING); None: off.
+        self.scaler: scaling.ElasticScaler | None = None
+        self._blocked: list[Requirements] = []
+        self._last_scale = 0.0
         # Called with a pipeline's id when one of its tasks ended (the pipeline runner).
         self.on_pipeline_event: Callable[[str], None] | None = None
 
@@ -255,6 +264,7 @@ class Fleet:
                     if await self.conn.zcard(self.keys.pending_queue) > len(self.scheduler.pending):
                         await self._load_pending()
                 await self.place()
+                await self._scale()
             except (RedisError, OSError) as exc:
                 log.warning("placement paused: Redis unreachable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -291,10 +301,23 @@ class Fleet:
                 if because:
                     await self.store.set_placed_because(because)
             await self._record_reasons(blocked)
+            self._blocked = blocked
             if len(plan) < PLAN_BATCH or self._refresh_now:
                 if self._refresh_now:
                     self._wake.set()
                 return placed
+
+    async def _scale(self) -> None:
+        """Elastic scaling (orchestrator.scaling), at most every SCALE_EVERY_SEC: prompt
+        for a backlog, and cheap when every event wakes the placement loop."""
+        if self.scaler is None or time.monotonic() - self._last_scale < SCALE_EVERY_SEC:
+            return
+        self._last_scale = time.monotonic()
+        views = list(self.scheduler.workers.values())
+        changes = self.scaler.decide(views, self._blocked, self._last_scale)
+        if changes:
+            await scaling.apply(self.conn, self.keys, changes)
+            self.wake(refresh=True)
 
     async def _record_reasons(self, blocked: list[Requirements]) -> None:
         """Write why blocked tasks wait into their hashes, once per change of reason."""

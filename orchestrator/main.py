@@ -34,6 +34,10 @@ ENVIRONMENT = [
     ("FLOWMESH_MAX_UPLOAD_BYTES", "largest artifact upload, e.g. 64Gi (default 64Gi)"),
     ("FLOWMESH_RESULTS_RETENTION_SEC", "keep a finished task's uploads this long (default 7 days)"),
     ("FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", "how often old uploads are swept (default 60)"),
+    ("ENABLE_ELASTIC_SCALING", "disable idle workers, enable them for a backlog (default true)"),
+    ("ELASTIC_MIN_ACTIVE_WORKERS", "workers elastic scaling keeps enabled (default 1)"),
+    ("ELASTIC_IDLE_SEC", "idle this long, a worker may be disabled (default 300)"),
+    ("ELASTIC_COOLDOWN_SEC", "no worker is disabled this long after one was enabled (default 60)"),
     (
         "FLOWMESH_PIPELINE_SCAN_SEC",
         "re-evaluate every unfinished pipeline from Redis this often (default 5)",

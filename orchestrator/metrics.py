@@ -74,7 +74,9 @@ async def collect(f: Fleet) -> list[Metric]:
 
 async def _workers(f: Fleet) -> list[Metric]:
     by_status = GaugeMetricFamily(
-        "flowmesh_workers", "Registered workers by status", labels=["status"]
+        "flowmesh_workers",
+        "Registered workers by status (disabled: out of placement, still registered)",
+        labels=["status"],
     )
     gauges: dict[str, GaugeMetricFamily] = {
         name: GaugeMetricFamily(f"flowmesh_worker_{name}", help, labels=["worker"])
@@ -100,7 +102,7 @@ async def _workers(f: Fleet) -> list[Metric]:
     }
     states: Counter[str] = Counter()
     for record, pttl, held in await workers.read_all(f.conn, f.keys):
-        states[record.status or "unknown"] += 1
+        states["disabled" if record.disabled else record.status or "unknown"] += 1
         w = [record.worker_id]
         load: dict[str, Any] = record.load or {}
         gauges["slots"].add_metric(w, record.slots)

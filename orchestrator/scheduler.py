@@ -86,6 +86,9 @@ class WorkerView:
     takes_merged: bool = True
     # Can upload archives to the orchestrator (it has ORCHESTRATOR_BASE_URL).
     uploads: bool = False
+    # Taken out of placement by the orchestrator (API, elastic scaling): registered, warm,
+    # beating, and given no task until enabled.
+    disabled: bool = False
 
     @classmethod
     def from_record(cls, record: WorkerRecord, alive: bool) -> WorkerView:
@@ -109,6 +112,7 @@ class WorkerView:
             executor_states=record.executor_states,
             takes_merged=record.protocol >= MERGE_PROTOCOL,
             uploads=bool(record.artifacts.get("orchestrator")),
+            disabled=record.disabled,
         )
 
     def executor_ready(self, name: str) -> bool:
@@ -148,7 +152,7 @@ class WorkerView:
 
     @property
     def taking_work(self) -> bool:
-        return self.alive and self.status in TAKING_WORK
+        return self.alive and self.status in TAKING_WORK and not self.disabled
 
     def fits_now(self, req: Requirements) -> bool:
         return (
@@ -283,6 +287,13 @@ class Scheduler:
             return "no registered worker can run it: " + "; ".join(parts)
         live = [w for w in eligible if w.taking_work]
         if not live:
+            disabled = sum(1 for w in eligible if w.disabled)
+            if disabled:
+                return (
+                    f"all {len(eligible)} eligible worker(s) are disabled, stopped, draining or "
+                    f"unreachable ({disabled} disabled: elastic scaling enables one for this "
+                    "backlog, or POST /api/v1/workers/<id>/enable)"
+                )
             return f"all {len(eligible)} eligible worker(s) are stopped, draining or unreachable"
         ready = [w for w in live if w.executor_ready(req.executor)]
         if ready and req in self._warm_wait:

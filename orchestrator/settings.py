@@ -32,6 +32,7 @@ from flowmesh.config import (
     env_str,
 )
 from flowmesh.errors import ConfigError
+from orchestrator.scaling import ScalingSettings
 
 
 def is_loopback(host: str) -> bool:
@@ -63,6 +64,7 @@ class OrchestratorSettings:
     results_retention_sec: float = 7 * 86_400.0
     results_retention_interval_sec: float = 60.0
     pipeline_scan_sec: float = 5.0
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
 
     @classmethod
     def from_env(cls, env: Env, *, host: str, port: int) -> OrchestratorSettings:
@@ -111,4 +113,5 @@ class OrchestratorSettings:
                 env, "FLOWMESH_RESULTS_RETENTION_INTERVAL_SEC", 60.0, minimum=0.05
             ),
             pipeline_scan_sec=env_float(env, "FLOWMESH_PIPELINE_SCAN_SEC", 5.0, minimum=0.05),
+            scaling=ScalingSettings.from_env(env),
         )

@@ -62,6 +62,10 @@ class Worker:
             detected.hostname, detected.platform, detected.cpu_count, detected.memory_total, gpus
         )
         self.started_at = time.time()
+        # Disabled by the orchestrator since (None: enabled), and for how long before:
+        # no cost accrues while disabled.
+        self._disabled_since: float | None = None
+        self._disabled_total = 0.0
         self._stopping = asyncio.Event()
         self._drain_now = asyncio.Event()
         self._devices_view: dict[str, list[int]] = {}
@@ -181,8 +185,14 @@ class Worker:
             executor_states=self.host.states(),
             devices=self._devices_view,
             load=self._load,
-            cost_accrued=self.settings.cost_per_hour * (now - self.started_at) / 3600.0,
+            cost_accrued=self.settings.cost_per_hour * self._billed_seconds(now) / 3600.0,
         )
+
+    def _billed_seconds(self, now: float) -> float:
+        """Time since the start, less the time the orchestrator had this worker disabled."""
+        since = self._disabled_since
+        disabled = self._disabled_total + (now - since if since is not None else 0.0)
+        return max(now - self.started_at - disabled, 0.0)
 
     def _devices_changed(self) -> None:
         self._devices_view = {k: list(v) for k, v in self.devices.held().items()}
@@ -255,6 +265,7 @@ class Worker:
                 self._load = await asyncio.to_thread(sample_load, self.nvml)
             except Exception as exc:  # psutil or NVML: the beat goes on without a reading
                 log.warning("reading the machine's load failed: %s", exc)
+            await self._check_admin()
             running = list(self.running.values())
             if not running:
                 continue
@@ -276,6 +287,28 @@ class Worker:
                         r, failure(FailureKind.SUPERSEDED, "a newer attempt of this task exists")
                     )
 
+    async def _check_admin(self) -> None:
+        """What the orchestrator set on our record: disabled (no cost accrues meanwhile),
+        or a drain requested (a missed `drain` notice costs one interval at most)."""
+        try:
+            disabled, drain = await self.conn.hmget(
+                self.keys.worker(self.id), ["disabled", "drain_requested"]
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("reading our record failed: %s", exc)
+            return
+        now = time.time()
+        if disabled == "1" and self._disabled_since is None:
+            self._disabled_since = now
+            log.info("worker %s: disabled by the orchestrator; taking no tasks", self.id)
+        elif disabled != "1" and self._disabled_since is not None:
+            self._disabled_total += now - self._disabled_since
+            self._disabled_since = None
+            log.info("worker %s: enabled again", self.id)
+        if drain == "1" and not self._stopping.is_set():
+            log.info("worker %s: drain requested by the orchestrator", self.id)
+            self.request_stop()
+
     async def _control_loop(self) -> None:
         channel = self.keys.control(self.id)
         while True:
@@ -284,7 +317,10 @@ class Worker:
                 await pubsub.subscribe(channel)
                 async for message in pubsub.listen():
                     parts = str(message.get("data", "")).split()
-                    if len(parts) == 3 and parts[0] == "cancel":
+                    if parts == ["drain"] and not self._stopping.is_set():
+                        log.info("worker %s: drain requested by the orchestrator", self.id)
+                        self.request_stop()
+                    elif len(parts) == 3 and parts[0] == "cancel":
                         r = self.running.get(parts[1])
                         if r is not None and str(r.delivery.attempt) == parts[2]:
                             self.attempts.stop_soon(

@@ -21,9 +21,11 @@ for _, group in ipairs(cjson.decode(ARGV[2])) do
   if redis.call('EXISTS', beat) == 0 then
     refuse = 'worker heartbeat expired'
   else
-    local wstatus = redis.call('HGET', whash, 'status')
-    if wstatus ~= 'idle' and wstatus ~= 'busy' then
-      refuse = 'worker is ' .. tostring(wstatus)
+    local w = redis.call('HMGET', whash, 'status', 'disabled')
+    if w[1] ~= 'idle' and w[1] ~= 'busy' then
+      refuse = 'worker is ' .. tostring(w[1])
+    elseif w[2] == '1' then
+      refuse = 'worker is disabled'
     end
   end
   local free = tonumber(redis.call('HGET', whash, 'slots') or '0') - redis.call('SCARD', tasks)
