@@ -185,6 +185,32 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace, console: Console) -> int:
+    from flowmesh.scale import LocalScaler, run
+
+    if not environ().get("REDIS_URL"):
+        raise UsageError(
+            "flowmesh scale starts workers: set REDIS_URL for them (and the rest "
+            "of the workers' settings) in its environment"
+        )
+    if not 0 <= args.min <= args.max or args.max < 1:
+        raise UsageError(f"--min {args.min} --max {args.max}: need 0 <= min <= max, max >= 1")
+    slots = args.slots or int(environ().get("WORKER_SLOTS") or 4)
+    scaler = LocalScaler(
+        client=_client(args),
+        console=console,
+        min_workers=args.min,
+        max_workers=args.max,
+        slots=max(slots, 1),
+        idle_sec=args.idle_sec,
+        log_dir=Path(args.log_dir),
+    )
+    try:
+        return run(scaler, args.interval, args.stop_timeout)
+    finally:
+        scaler.client.close()
+
+
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     client = _client(args)
     try:
@@ -396,6 +422,28 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("workers", help="list registered workers")
     s.set_defaults(func=cmd_workers)
+
+    s = sub.add_parser(
+        "scale",
+        help="start and stop worker processes on this host from the orchestrator's backlog",
+    )
+    s.add_argument("--min", type=int, default=0, help="workers always running (default 0)")
+    s.add_argument("--max", type=int, default=4, help="workers at most (default 4)")
+    s.add_argument(
+        "--slots", type=int, default=0, help="tasks per worker (default WORKER_SLOTS or 4)"
+    )
+    s.add_argument(
+        "--idle-sec", type=float, default=60.0, help="idle this long, drain a worker (default 60)"
+    )
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between looks (default 1)")
+    s.add_argument("--log-dir", default="scale-logs", help="worker logs (default ./scale-logs)")
+    s.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=120.0,
+        help="on Ctrl-C, wait this long for the drained workers (default 120)",
+    )
+    s.set_defaults(func=cmd_scale)
 
     s = sub.add_parser("worker", help="disable, enable or drain a worker")
     s.add_argument("worker_id")

@@ -173,6 +173,13 @@ class Client:
         """`disable`, `enable` or `drain` a worker."""
         return dict(self._call("POST", f"/api/v1/workers/{quote(worker_id, safe='')}/{action}"))
 
+    def metrics(self) -> str:
+        """`GET /metrics`: Prometheus's text format."""
+        status, body = self._request("GET", "/metrics")
+        if status >= 400:
+            raise ApiError(status, body)
+        return body if isinstance(body, str) else str(body)
+
     def workers(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/workers")["workers"])
 

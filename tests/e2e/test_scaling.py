@@ -3,9 +3,13 @@ elastic scaling on a real fleet."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.e2e.test_cli import flowmesh
 
 
@@ -84,3 +88,69 @@ def test_elastic_scaling_disables_idle_workers_and_enables_them_for_a_backlog(
     assert "elastic scaling: enabled worker" in log and "backlog of echo tasks" in log
     # Idle again: back down to one enabled worker.
     wait_until(lambda: len(disabled()) == 2, timeout=30, what="the fleet to scale down again")
+
+
+def test_local_scaler_starts_workers_for_a_burst_and_drains_them_after(
+    start_orchestrator, redis_url, rdb, tmp_path
+):
+    orchestrator = start_orchestrator(ENABLE_ELASTIC_SCALING="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WORKER_", "FLOWMESH_", "REDIS_", "HEARTBEAT_", "RESULTS_"))
+    }
+    env.update(
+        REDIS_URL=redis_url,
+        RESULTS_DIR=str(tmp_path / "results"),
+        HEARTBEAT_INTERVAL_SEC="1",
+        WORKER_SLOTS="2",
+        PYTHONUNBUFFERED="1",
+    )
+    log = (tmp_path / "scale.log").open("wb")
+    scaler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowmesh.cli",
+            "--url",
+            orchestrator.url,
+            "scale",
+            "--min",
+            "0",
+            "--max",
+            "3",
+            "--idle-sec",
+            "1",
+            "--interval",
+            "0.3",
+            "--log-dir",
+            str(tmp_path / "scale-logs"),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.0)
+        assert workers(orchestrator) == {}  # min 0: nothing runs without a backlog
+        tasks = orchestrator.submit(
+            *[{"spec": {"taskType": "echo", "echo": {"delaySec": 0.5}}}] * 30
+        )
+        done = [orchestrator.wait(t, timeout=90) for t in tasks]
+        assert all(t["status"] == "DONE" and t["attempts"] == 1 for t in done)  # none lost
+        assert len({t["worker_id"] for t in done}) >= 2  # it scaled out
+        # Idle: every worker it started is drained and gone.
+        wait_until(
+            lambda: not any(w["alive"] for w in workers(orchestrator).values()),
+            timeout=60,
+            what="the scaler to drain its workers",
+        )
+        text = (tmp_path / "scale.log").read_text()
+        assert "scale: started worker" in text and "scale: draining worker" in text
+        assert "stopped (exit code 0)" in text
+        assert rdb.zcard("tasks:status:DONE") >= 30
+    finally:
+        scaler.send_signal(signal.SIGTERM)
+        assert scaler.wait(timeout=60) == 0
+        log.close()
