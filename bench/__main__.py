@@ -41,6 +41,7 @@ SECTIONS = (
     "artifacts",
     "training",
     "pipelines",
+    "scale",
 )
 
 
@@ -252,6 +253,13 @@ def section_pipelines() -> None:
     subprocess.run([sys.executable, "-m", "bench.pipelines"], cwd=ROOT, check=False)
 
 
+def section_scale() -> None:
+    """bench/scale.py: 1,000 simulated workers and 100,000 tasks against a real orchestrator
+    and a Redis of its own: orchestrator CPU, placement latency, Redis memory per worker and
+    per task."""
+    subprocess.run([sys.executable, "-m", "bench.scale"], cwd=ROOT, check=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,6 +299,8 @@ def main() -> int:
             section_training()
         if "pipelines" in only:
             section_pipelines()
+        if "scale" in only:
+            section_scale()
     return 0
 
 

@@ -68,7 +68,11 @@ def test_killed_while_running_is_replaced(orchestrator, start_worker, rdb, resul
     task = assert_done_once(orchestrator, rdb, results_dir, task_id)
     assert task["worker_id"] == "w2"
     replaced_at = task["history"][0]["ended_at"]
-    assert replaced_at - killed_at < 4.0  # lease 2 s after the last beat, plus a refresh
+    # Replaced by the lease check (2 s after the last beat, plus a refresh: ~3 s on a quiet
+    # machine), not by anything slower such as a timeout. Generous, so that a loaded
+    # machine cannot fail it: the figure itself is the benchmarks' to report.
+    assert task["history"][0]["outcome"] == "worker_lost"
+    assert replaced_at - killed_at < 20.0
 
 
 def test_killed_while_writing_its_result_records_one_result(
