@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -138,7 +139,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_llama_64: Path) -> Iter
                 states = json.loads(rdb.hget("worker:vllm-1", "executor_states") or "{}")
                 if states.get("vllm", {}).get("state") == "failed":
                     raise AssertionError(f"the vllm executor failed: {states}\n{worker.log()}")
-                return states.get("vllm", {}).get("state") == "ready"
+                if states.get("vllm", {}).get("state") != "ready":
+                    return False
+                # The executor may be ready before the orchestrator listens: wait for both.
+                try:
+                    return orch.http.get("/healthz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
 
             wait_until(ready, timeout=120, interval=0.2, what="the vllm executor to be ready")
             yield fleet
