@@ -24,7 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flowmesh.keys import Keys
-from flowmesh.store import IdempotencyConflict, _script
+from flowmesh.store import IdempotencyConflict, _script, page_after
 
 
 class PipelineStatus(StrEnum):
@@ -211,17 +211,8 @@ class PipelineStore:
         out: list[PipelineRow] = []
         cursor = after
         while len(out) < limit:
-            num = max(limit * 2, 50)
-            if descending:
-                high = "+inf" if cursor is None else f"({cursor}"
-                ids = await self.conn.zrevrangebyscore(
-                    self.keys.pipelines_all, high, "-inf", start=0, num=num, withscores=True
-                )
-            else:
-                low = "-inf" if cursor is None else f"({cursor}"
-                ids = await self.conn.zrangebyscore(
-                    self.keys.pipelines_all, low, "+inf", start=0, num=num, withscores=True
-                )
+            index, num = self.keys.pipelines_all, max(limit * 2, 50)
+            ids = await page_after(self.conn, index, cursor, num, descending)
             if not ids:
                 return out, None
             async with self.conn.pipeline(transaction=False) as pipe:

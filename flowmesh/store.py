@@ -347,17 +347,7 @@ class TaskStore:
         out: list[dict[str, Any]] = []
         cursor = after
         while len(out) < limit:
-            num = max(limit * 2, 50)
-            if descending:
-                high = "+inf" if cursor is None else f"({cursor}"
-                ids = await self.conn.zrevrangebyscore(
-                    index, high, "-inf", start=0, num=num, withscores=True
-                )
-            else:
-                low = "-inf" if cursor is None else f"({cursor}"
-                ids = await self.conn.zrangebyscore(
-                    index, low, "+inf", start=0, num=num, withscores=True
-                )
+            ids = await page_after(self.conn, index, cursor, max(limit * 2, 50), descending)
             if not ids:
                 return out, None
             rows = await self.get_many([task_id for task_id, _ in ids])
@@ -609,6 +599,18 @@ class TaskStore:
             args=[task_id, f"{time.time():.6f}", EVENTS_MAXLEN],
         )
         return Outcome(bool(reply[0]), "" if reply[0] else str(reply[1]))
+
+
+async def page_after(
+    conn: aioredis.Redis, index: str, cursor: int | None, num: int, descending: bool
+) -> list[tuple[str, float]]:
+    """Up to `num` (member, score) of a sorted set scored by submission sequence, just past
+    `cursor` (a score, exclusive; None: from the start), oldest first or newest first."""
+    if descending:
+        high = "+inf" if cursor is None else f"({cursor}"
+        return await conn.zrevrangebyscore(index, high, "-inf", start=0, num=num, withscores=True)
+    low = "-inf" if cursor is None else f"({cursor}"
+    return await conn.zrangebyscore(index, low, "+inf", start=0, num=num, withscores=True)
 
 
 def decode_task(raw: dict[str, str]) -> dict[str, Any]:

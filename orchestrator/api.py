@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -19,6 +20,7 @@ from orchestrator import intake
 from orchestrator.documents import read_documents, spec_error
 from orchestrator.fleet import Fleet
 from orchestrator.pipelines.routes import submit_pipeline
+from orchestrator.waiters import MAX_WAIT_SEC
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1")
@@ -83,9 +85,6 @@ async def submit_tasks(request: Request) -> Any:
             for t in tasks
         ]
     }
-
-
-MAX_WAIT_SEC = 60.0
 
 
 def _public(f: Fleet, task: dict[str, Any]) -> dict[str, Any]:
@@ -225,9 +224,16 @@ async def list_workers(request: Request) -> Any:
     return {"workers": out}
 
 
-async def _known_worker(f: Fleet, worker_id: str) -> None:
+async def _admin(request: Request, worker_id: str, write: Callable[[Any], None]) -> None:
+    """Queue `write` (a `flowmesh.workers` admin write) for a registered worker, in one
+    transaction, and have the fleet re-read; 404 for a worker that is not registered."""
+    f = fleet(request)
     if not await f.conn.sismember(f.keys.worker_ids, worker_id):
         raise HTTPException(404, f"no registered worker with id {worker_id!r}")
+    async with f.conn.pipeline(transaction=True) as pipe:
+        write(pipe)
+        await pipe.execute()
+    f.wake(refresh=True)
 
 
 @router.post(
@@ -235,23 +241,23 @@ async def _known_worker(f: Fleet, worker_id: str) -> None:
     summary="Take a worker out of placement; it stays registered and warm, and accrues no cost",
 )
 async def disable_worker(worker_id: str, request: Request) -> Any:
-    f = fleet(request)
-    await _known_worker(f, worker_id)
-    async with f.conn.pipeline(transaction=True) as pipe:
-        workers.set_disabled(pipe, f.keys, worker_id, "disabled by request")
-        await pipe.execute()
-    f.wake(refresh=True)
+    keys = fleet(request).keys
+    await _admin(
+        request,
+        worker_id,
+        lambda pipe: workers.set_disabled(pipe, keys, worker_id, "disabled by request"),
+    )
     return {"worker_id": worker_id, "disabled": True}
 
 
 @router.post("/workers/{worker_id}/enable", summary="Put a disabled worker back into placement")
 async def enable_worker(worker_id: str, request: Request) -> Any:
-    f = fleet(request)
-    await _known_worker(f, worker_id)
-    async with f.conn.pipeline(transaction=True) as pipe:
-        workers.set_enabled(pipe, f.keys, worker_id, "enabled by request")
-        await pipe.execute()
-    f.wake(refresh=True)
+    keys = fleet(request).keys
+    await _admin(
+        request,
+        worker_id,
+        lambda pipe: workers.set_enabled(pipe, keys, worker_id, "enabled by request"),
+    )
     return {"worker_id": worker_id, "disabled": False}
 
 
@@ -260,9 +266,6 @@ async def enable_worker(worker_id: str, request: Request) -> Any:
     summary="Stop a worker as SIGTERM does: no new tasks, finish or hand back, deregister, exit",
 )
 async def drain_worker(worker_id: str, request: Request) -> Any:
-    f = fleet(request)
-    await _known_worker(f, worker_id)
-    async with f.conn.pipeline(transaction=True) as pipe:
-        workers.request_drain(pipe, f.keys, worker_id)
-        await pipe.execute()
+    keys = fleet(request).keys
+    await _admin(request, worker_id, lambda pipe: workers.request_drain(pipe, keys, worker_id))
     return {"worker_id": worker_id, "drain_requested": True}

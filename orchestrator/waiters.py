@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+# The longest a GET ?wait= may hold a request (tasks and pipelines alike).
+MAX_WAIT_SEC = 60.0
 # A waiter re-reads at least this often: with several orchestrator replicas, the event that
 # ends what it waits for may reach another one.
 REREAD_SEC = 0.5

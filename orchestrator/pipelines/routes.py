@@ -17,9 +17,9 @@ from orchestrator import intake
 from orchestrator.documents import Run, read_documents, spec_error
 from orchestrator.pipelines.planner import plan_pipeline
 from orchestrator.pipelines.runner import PipelineRunner, result_fields
+from orchestrator.waiters import MAX_WAIT_SEC
 
 router = APIRouter(prefix="/api/v1")
-MAX_WAIT_SEC = 60.0
 # Tasks listed per stage in a pipeline's view (a forEach stage may have thousands; the
 # view counts them all and lists the first ones).
 TASKS_SHOWN = 100
