@@ -53,10 +53,17 @@ def free_port() -> int:
 
 class EmbeddedRedis:
     def __init__(
-        self, *, port: int | None = None, appendonly: bool = False, directory: Path | None = None
+        self,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        directory: Path | None = None,
+        args: list[str] | None = None,
     ):
         self.port = port or free_port()
         self.appendonly = appendonly
+        # More redis-server options (TLS, replicaof, an ACL user); the plain port stays on.
+        self.args = list(args or [])
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="flowmesh-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -87,6 +94,7 @@ class EmbeddedRedis:
             "yes",
             "--loglevel",
             "warning",
+            *self.args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

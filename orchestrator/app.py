@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from flowmesh import __version__
 from flowmesh.keys import Keys
-from flowmesh.redis_conn import check_server, connect, redact
+from flowmesh.redis_conn import check_server, connect
 from flowmesh.spec import TaskSpec
 from flowmesh.store import IdempotencyConflict
 from orchestrator.api import router
@@ -59,7 +59,7 @@ def _with_task_spec_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
 def create_app(settings: OrchestratorSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conn = await connect(settings.redis_url)
+        conn = await connect(settings.redis)
         await check_server(conn)
         fleet = Fleet(
             conn,
@@ -92,7 +92,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
             "orchestrator ready on http://%s:%d (Redis %s, auth %s, uploads %s to %s)",
             settings.host,
             settings.port,
-            redact(settings.redis_url),
+            settings.redis,
             "on" if settings.api_token else "off, loopback only",
             "on" if settings.worker_token else "off (no FLOWMESH_WORKER_TOKEN)",
             settings.results_dir,

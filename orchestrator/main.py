@@ -10,13 +10,15 @@ import uvicorn
 
 from flowmesh.config import environ, environment_help, setup_logging
 from flowmesh.errors import ConfigError
-from flowmesh.redis_conn import connect
+from flowmesh.redis_conn import ENVIRONMENT as REDIS_ENVIRONMENT
+from flowmesh.redis_conn import URL_HELP, RedisConfig, connect
 from orchestrator.app import create_app
 from orchestrator.settings import OrchestratorSettings
 
 # What `orchestrator --help` lists: every variable OrchestratorSettings.from_env reads.
 ENVIRONMENT = [
-    ("REDIS_URL", "Redis URL (required): redis://[user:password@]host:port/db; rediss:// for TLS"),
+    ("REDIS_URL", URL_HELP),
+    *REDIS_ENVIRONMENT,
     ("FLOWMESH_API_TOKEN", "bearer token, 16+ characters; unset: no auth, loopback only"),
     ("REDIS_KEY_PREFIX", "prefix of every Redis key; must match the workers' (default none)"),
     ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)"),
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = OrchestratorSettings.from_env(environ(), host=args.host, port=args.port)
         setup_logging(settings.log_level, "orchestrator")
         # Fail before binding when Redis is missing or unreachable, with the variable named.
-        asyncio.run(_check_redis(settings.redis_url))
+        asyncio.run(_check_redis(settings.redis))
     except ConfigError as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _check_redis(url: str) -> None:
-    conn = await connect(url)
+async def _check_redis(config: RedisConfig) -> None:
+    conn = await connect(config)
     await conn.aclose()
 
 

@@ -32,6 +32,7 @@ from flowmesh.config import (
     env_str,
 )
 from flowmesh.errors import ConfigError
+from flowmesh.redis_conn import RedisConfig
 from orchestrator.scaling import ScalingSettings
 
 
@@ -46,7 +47,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class OrchestratorSettings:
-    redis_url: str
+    redis: RedisConfig
     host: str
     port: int
     api_token: str | None
@@ -89,7 +90,7 @@ class OrchestratorSettings:
         if max_upload is not None and max_upload < 1:
             raise ConfigError("FLOWMESH_MAX_UPLOAD_BYTES must be at least 1 byte")
         return cls(
-            redis_url=env_str(env, "REDIS_URL"),
+            redis=RedisConfig.from_env(env),
             host=host,
             port=port,
             api_token=token,

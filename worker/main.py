@@ -12,7 +12,8 @@ from executors.registry import available
 from flowmesh.config import environ, environment_help, setup_logging
 from flowmesh.errors import ConfigError
 from flowmesh.loop import run
-from flowmesh.redis_conn import check_server, connect, redact
+from flowmesh.redis_conn import ENVIRONMENT as REDIS_ENVIRONMENT
+from flowmesh.redis_conn import URL_HELP, check_server, connect
 from worker.settings import WorkerSettings
 from worker.worker import Worker
 
@@ -20,7 +21,8 @@ log = logging.getLogger("worker")
 
 # What `worker --help` lists: every variable WorkerSettings.from_env reads (the README's table).
 ENVIRONMENT = [
-    ("REDIS_URL", "Redis URL (required): redis://[user:password@]host:port/db; rediss:// for TLS"),
+    ("REDIS_URL", URL_HELP),
+    *REDIS_ENVIRONMENT,
     ("RESULTS_DIR", "task outputs go to RESULTS_DIR/<task_id>/ (default ./results_workers)"),
     ("TASK_TOPIC", "inbox stream prefix: <TASK_TOPIC>:inbox:<WORKER_ID> (default tasks)"),
     ("HEARTBEAT_INTERVAL_SEC", "seconds between heartbeats (default 30)"),
@@ -71,12 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(settings: WorkerSettings) -> None:
-    conn = await connect(settings.redis_url)
+    conn = await connect(settings.redis)
     await check_server(conn)
     executors = available(set(settings.executors) if settings.executors else None)
     if not executors:
         raise ConfigError("no executor is available on this worker (see the log lines above)")
-    log.info("worker %s connected to %s", settings.worker_id, redact(settings.redis_url))
+    log.info("worker %s connected to %s", settings.worker_id, settings.redis)
     worker = Worker(settings, conn, executors)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,11 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 from redis.exceptions import RedisError, ResponseError
 
 from flowmesh import workers
 from flowmesh.keys import INBOX_GROUP, Keys
+from flowmesh.redis_conn import RedisConfig
 from flowmesh.workers import WorkerPresence, WorkerRecord
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Presence:
     def __init__(
         self,
-        redis_url: str,
+        redis_config: RedisConfig,
         keys: Keys,
         record: WorkerRecord,
         *,
@@ -45,13 +45,7 @@ class Presence:
         self._stopping = stopping
         # Never blocks longer than a beat on a dead connection; redis-py reconnects.
         timeout = max(1.0, interval)
-        self._client = redis.Redis.from_url(
-            redis_url,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            socket_keepalive=True,
-        )
+        self._client = redis_config.sync_client(timeout=timeout)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flag_lock = threading.Lock()

@@ -19,12 +19,13 @@ from flowmesh.config import (
 from flowmesh.errors import ConfigError
 from flowmesh.failpoints import parse_failpoints
 from flowmesh.keys import heartbeat_ttl
+from flowmesh.redis_conn import RedisConfig
 from worker.artifacts.config import ArtifactsConfig
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    redis_url: str
+    redis: RedisConfig
     results_dir: Path
     task_topic: str
     heartbeat_interval: float
@@ -68,7 +69,7 @@ class WorkerSettings:
         only = env_list(env, "WORKER_EXECUTORS")
         cpus = env_float(env, "WORKER_CPUS", 0.0, minimum=0.0)
         return cls(
-            redis_url=env_str(env, "REDIS_URL"),
+            redis=RedisConfig.from_env(env),
             results_dir=results_dir,
             task_topic=topic,
             heartbeat_interval=env_float(

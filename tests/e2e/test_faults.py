@@ -60,7 +60,8 @@ def test_killed_just_after_delivery_is_replaced_on_another_worker(
 
 def test_killed_while_running_is_replaced(orchestrator, start_worker, rdb, results_dir):
     w1 = start_worker("w1")
-    (task_id,) = orchestrator.submit(echo("running", delay=3))
+    # Long enough that w1 is still running it once w2 has started (4 s on a busy machine).
+    (task_id,) = orchestrator.submit(echo("running", delay=8))
     orchestrator.wait(task_id, ("RUNNING",))
     start_worker("w2")
     killed_at = time.time()

@@ -497,7 +497,7 @@ def test_compose_runs_redis_the_orchestrator_and_two_cpu_workers():
         assert set(env) <= WORKER_ENV, f"{name}: {set(env) - WORKER_ENV}"
         assert {"REDIS_URL", "ORCHESTRATOR_BASE_URL", "FLOWMESH_WORKER_TOKEN"} <= set(env)
         ws = WorkerSettings.from_env(env)
-        assert ws.redis_url == settings.redis_url
+        assert ws.redis.url == settings.redis.url
         assert ws.artifacts.fetch.orchestrator_url == f"http://orchestrator:{settings.port}"
         assert env["FLOWMESH_WORKER_TOKEN"] == COMPOSE_TOKENS["FLOWMESH_WORKER_TOKEN"]
         assert str(ws.results_dir) in {v.split(":")[1] for v in worker["volumes"]}
