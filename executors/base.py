@@ -336,7 +336,9 @@ class Executor(ABC):
         raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
-        """Reported with heartbeats; `loaded_models` is used by the scheduler."""
+        """Reported with heartbeats; `loaded_models` is used by the scheduler, and
+        `model_loads` (how many models this instance has loaded, a count that only grows)
+        becomes the orchestrator's `flowmesh_model_loads_total`."""
         return {}
 
     def close(self) -> None:

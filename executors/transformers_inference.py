@@ -182,6 +182,7 @@ class TransformersInferenceExecutor(Executor):
         # Read by health() on the heartbeat thread while run() may hold the lock for minutes.
         self._warm_ids: tuple[str, ...] = ()
         self._loading_id: str | None = None
+        self._loads = 0  # models loaded since setup (health: model_loads)
         self._lock = threading.Lock()
         # The worker accounts for GPUs (NVML saw some): a task uses the ones it was given.
         self._gpus_assigned = False
@@ -256,6 +257,7 @@ class TransformersInferenceExecutor(Executor):
         return {
             "loaded_models": list(self._warm_ids),
             "loading_models": [loading] if loading else [],
+            "model_loads": self._loads,
         }
 
     def close(self) -> None:
@@ -298,6 +300,7 @@ class TransformersInferenceExecutor(Executor):
         self._loading_id = spec.source.identifier
         try:
             self._models[key] = self._load(spec, device, source, lora)
+            self._loads += 1
         finally:
             self._loading_id = None
         self._warm_ids = tuple(k[0] for k in self._models)

@@ -309,7 +309,13 @@ class VllmInferenceExecutor(Executor):
     def __init__(self, max_warm_models: int = 2) -> None:
         self.max_warm_models = max_warm_models
         self._engines: OrderedDict[tuple[Any, ...], _Engine] = OrderedDict()
-        self._health: dict[str, Any] = {"loaded_models": [], "loading_models": [], "engine": {}}
+        self._health: dict[str, Any] = {
+            "loaded_models": [],
+            "loading_models": [],
+            "engine": {},
+            "model_loads": 0,
+        }
+        self._loads = 0  # engines started since setup (health: model_loads)
         self._released = asyncio.Event()  # an engine was let go of, or went away
         self._lora_ids: dict[str, int] = {}
         self._gpus_assigned = False
@@ -511,6 +517,7 @@ class VllmInferenceExecutor(Executor):
             engine.templated = bool(getattr(engine.tokenizer, "chat_template", None))
             engine.dtype = str(llm.model_config.dtype).removeprefix("torch.")
             engine.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+            self._loads += 1
         except Exception as exc:
             if self._engines.get(engine.key) is engine:
                 del self._engines[engine.key]
@@ -572,6 +579,7 @@ class VllmInferenceExecutor(Executor):
             "loaded_models": list(dict.fromkeys(loaded)),
             "loading_models": [m for m in dict.fromkeys(loading) if m not in loaded],
             "engine": engines,
+            "model_loads": self._loads,
         }
 
     # -- requests ---------------------------------------------------------------------

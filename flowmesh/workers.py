@@ -59,9 +59,14 @@ class WorkerPresence:
     # Per executor, what its engines report (a batching engine: model, state, requests
     # running and its batch capacity).
     engines: dict[str, Any] = field(default_factory=dict)
+    # Per executor, models loaded since the worker started (ExecutorHost.model_loads);
+    # None: not reported (the field is then left out of the hash).
+    model_loads: dict[str, int] | None = None
 
     def to_hash(self, now: float) -> dict[str, str | int]:
+        loads = {} if self.model_loads is None else {"model_loads": json.dumps(self.model_loads)}
         return {
+            **loads,
             "status": self.status.value,
             "last_seen": f"{now:.6f}",
             "running": self.running,
@@ -115,6 +120,7 @@ class WorkerRecord:
     cost_accrued: float = 0.0
     loading_models: list[str] = field(default_factory=list)
     engines: dict[str, Any] = field(default_factory=dict)
+    model_loads: dict[str, int] = field(default_factory=dict)
     # Written by the orchestrator (API or elastic scaling), never by the worker's beats:
     # a disabled worker stays registered and beating, takes no task and accrues no cost.
     disabled: bool = False
@@ -178,6 +184,7 @@ class WorkerRecord:
             loaded_models=j("loaded_models", []),
             loading_models=j("loading_models", []),
             engines=j("engines", {}),
+            model_loads=j("model_loads", {}),
             executor_states=_states(j("executor_states", {})),
             disabled=raw.get("disabled") == "1",
             disabled_reason=raw.get("disabled_reason", ""),

@@ -31,6 +31,7 @@ from flowmesh.store import Ending, NewTask, StageRelease, TaskStore
 from orchestrator import scaling
 from orchestrator.merge import MergeKeys
 from orchestrator.scheduler import Scheduler, WorkerView
+from orchestrator.task_stats import TaskStats
 from orchestrator.waiters import Waiters
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class Fleet:
         self._last_scale = 0.0
         # Called with a pipeline's id when one of its tasks ended (the pipeline runner).
         self.on_pipeline_event: Callable[[str], None] | None = None
+        # Queue waits, run times, attempts, failures and merges seen here (GET /metrics).
+        self.stats = TaskStats()
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -285,9 +288,13 @@ class Fleet:
                     [(p.task_id, p.worker_id, p.inbox, p.parent) for p in plan]
                 )
                 because: list[tuple[str, str]] = []
+                # Tasks placed per delivery: all but one of each rode in another's.
+                deliveries: Counter[tuple[str, str, str]] = Counter()
                 for p, outcome in zip(plan, outcomes, strict=True):
                     if outcome.ok:
                         placed += 1
+                        executor = p.entry.requirements.executor
+                        deliveries[(p.worker_id, p.parent or p.task_id, executor)] += 1
                         if p.why:
                             because.append((p.task_id, f"{p.worker_id} {p.why}"))
                         continue
@@ -298,6 +305,9 @@ class Fleet:
                     self.scheduler.undo(p, requeue=requeue)
                     if requeue:  # our snapshot of that worker was wrong: re-read it
                         self._refresh_now = True
+                for (_, _, executor), n in deliveries.items():
+                    if n > 1:
+                        self.stats.placed_merged(executor, n - 1)
                 if because:
                     await self.store.set_placed_because(because)
             await self._record_reasons(blocked)
@@ -383,6 +393,8 @@ class Fleet:
         requeued: list[str] = []
         for _, fields in entries:
             kind = fields.get("type", "")
+            if kind in (EventType.TASK_FINISHED, EventType.TASK_RETRY, EventType.TASK_CANCELLED):
+                self.stats.attempt_ended(fields)
             if kind == EventType.TASK_FINISHED:
                 self.scheduler.release(fields["task_id"], fields.get("worker_id"))
                 self.waiters.notify(fields["task_id"])

@@ -1,9 +1,13 @@
 """`GET /metrics`: the fleet in Prometheus's text format, read when scraped.
 
-Every figure is read at scrape time, from the scheduler's memory (the backlog) and from
-Redis (tasks by status, workers and their load), so nothing on the task path pays for
-metrics. `flowmesh_backlog_tasks` is the figure an autoscaler (KEDA's Prometheus scaler)
-reads: PENDING tasks per executor and resource class.
+The gauges are read at scrape time, from the scheduler's memory (the backlog) and from
+Redis (tasks by status, workers and their load, the model loads workers count), so
+nothing on the task path pays for them. `flowmesh_backlog_tasks` is the figure an
+autoscaler (KEDA's Prometheus scaler) reads: PENDING tasks per executor and resource class.
+
+Queue waits, run times, attempts, failures and merges are counted by this orchestrator as
+it consumes the events the task path writes anyway (orchestrator/task_stats.py): process-
+local counters and histograms, from zero when it starts.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flowmesh import workers
@@ -69,7 +73,7 @@ async def collect(f: Fleet) -> list[Metric]:
     pipelines = GaugeMetricFamily(
         "flowmesh_pipelines_active", "Pipelines not finished", value=counts[-1]
     )
-    return [backlog, tasks, dead, pipelines, *await _workers(f)]
+    return [backlog, tasks, dead, pipelines, *await _workers(f), *f.stats.collect()]
 
 
 async def _workers(f: Fleet) -> list[Metric]:
@@ -100,6 +104,11 @@ async def _workers(f: Fleet) -> list[Metric]:
             ("power_watts", "GPU power draw (NVML)"),
         )
     }
+    loads = CounterMetricFamily(
+        "flowmesh_model_loads",
+        "Models loaded by the worker's executors since it started (counted by the worker)",
+        labels=["worker", "executor"],
+    )
     states: Counter[str] = Counter()
     for record, pttl, held in await workers.read_all(f.conn, f.keys):
         states["disabled" if record.disabled else record.status or "unknown"] += 1
@@ -111,6 +120,8 @@ async def _workers(f: Fleet) -> list[Metric]:
         gauges["cost_per_hour"].add_metric(w, record.cost_per_hour)
         gauges["cost_accrued"].add_metric(w, record.cost_accrued)
         gauges["loaded_models"].add_metric(w, len(record.loaded_models))
+        for executor, n in sorted(record.model_loads.items()):
+            loads.add_metric([record.worker_id, executor], float(n))
         if "cpu_percent" in load:
             gauges["cpu_percent"].add_metric(w, float(load["cpu_percent"]))
         if "memory_used" in load:
@@ -127,7 +138,7 @@ async def _workers(f: Fleet) -> list[Metric]:
                     gpu[name].add_metric(labels, float(g[field]))
     for status, n in sorted(states.items()):
         by_status.add_metric([status], n)
-    return [by_status, *gauges.values(), *gpu.values()]
+    return [by_status, *gauges.values(), *gpu.values(), loads]
 
 
 @router.get("/metrics", summary="The fleet in Prometheus's text format (backlog, tasks, workers)")

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -93,6 +94,9 @@ class ExecutorProcess:
         self.config = config
         self.cuda_visible = cuda_visible
         self.health: dict[str, Any] = {}
+        # Model loads reported by this executor's children that have exited (a child
+        # reports its own count in its health, `model_loads`).
+        self._loads_before = 0
         self.status = ExecutorStatus(ExecutorState.STARTING, time.time())
         self._on_state = on_state
         self._proc: BaseProcess | None = None
@@ -215,6 +219,11 @@ class ExecutorProcess:
     def in_flight(self) -> list[str]:
         return list(self._pending)
 
+    @property
+    def model_loads(self) -> int:
+        """Models this executor's children loaded since the worker started."""
+        return self._loads_before + _loads(self.health)
+
     def kill(self, reasons: dict[str, dict[str, Any]]) -> None:
         """SIGKILL the child and every process it started (its own process group: a
         launcher's workers, say): for hangs, timeouts, unheeded cancels, hand-back."""
@@ -303,6 +312,7 @@ class ExecutorProcess:
         self._conn = None
         self._ready = None
         self._outbox = []
+        self._loads_before += _loads(self.health)
         self.health = {}
         if self._exit_handled is not None:
             self._exit_handled.set()
@@ -339,6 +349,8 @@ class ExecutorHost:
         self.max_warm_models = max_warm_models
         self.procs: dict[str, ExecutorProcess] = {}
         self._isolated: dict[str, ExecutorProcess] = {}  # req_id -> its own child
+        # Model loads of per-task children that are gone, by executor.
+        self._isolated_loads: Counter[str] = Counter()
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         all_gpus = cuda_visible_devices(gpus) if gpus_known else None
@@ -448,6 +460,7 @@ class ExecutorHost:
             # its GPUs are given to anyone else.
             await asyncio.shield(proc.stop())
             self._isolated.pop(request.req_id, None)
+            self._isolated_loads[name] += proc.model_loads
 
     def process_of(self, req_id: str, name: str) -> ExecutorProcess | None:
         """The child that holds (or will hold) this request."""
@@ -467,6 +480,15 @@ class ExecutorHost:
             models.extend(proc.health.get(key, []))
         return models
 
+    def model_loads(self) -> dict[str, int]:
+        """Per executor, the models its children loaded since the worker started (each
+        executor counts its own loads; one that counts none reports 0), for the worker
+        record and the orchestrator's `flowmesh_model_loads_total`."""
+        out: Counter[str] = Counter(self._isolated_loads)
+        for proc in [*self.procs.values(), *self._isolated.values()]:
+            out[proc.name] += proc.model_loads
+        return {name: n for name, n in sorted(out.items()) if n}
+
     def engines(self) -> dict[str, Any]:
         """Per executor, what its engines last reported (state, requests running, batch
         capacity), for the worker record."""
@@ -478,6 +500,14 @@ class ExecutorHost:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         await asyncio.gather(*(p.stop() for p in [*self.procs.values(), *self._isolated.values()]))
+
+
+def _loads(health: dict[str, Any]) -> int:
+    """The model loads a child's health report counts (0 when it counts none)."""
+    try:
+        return max(int(health.get("model_loads") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _with_devices(request: Request, devices: tuple[int, ...]) -> Request:

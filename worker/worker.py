@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from executors.base import Executor
 from flowmesh import __version__, workers
@@ -74,7 +75,7 @@ class Worker:
         self._load: dict[str, object] = {}
         self.devices = DeviceAllocator(gpus)
         self.presence = Presence(
-            settings.redis_url,
+            settings.redis,
             self.keys,
             WorkerRecord(
                 worker_id=self.id,
@@ -182,6 +183,7 @@ class Worker:
             loaded_models=self.host.loaded_models(),
             loading_models=self.host.loaded_models("loading_models"),
             engines=self.host.engines(),
+            model_loads=self.host.model_loads(),
             executor_states=self.host.states(),
             devices=self._devices_view,
             load=self._load,
@@ -311,11 +313,28 @@ class Worker:
 
     async def _control_loop(self) -> None:
         channel = self.keys.control(self.id)
+        loop = asyncio.get_running_loop()
+        # An idle channel is silent, and so is one whose server hangs (a frozen primary that
+        # Sentinel has replaced): a ping every few seconds tells them apart.
+        ping_every = 5.0
+        deaf_after = ping_every + self.settings.redis.socket_timeout
         while True:
             pubsub = self.conn.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
+                heard = next_ping = loop.time()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    now = loop.time()
+                    if message is not None:
+                        heard = now
+                    if now - heard > deaf_after:
+                        raise RedisTimeoutError(f"no answer on {channel} for {now - heard:.0f}s")
+                    if now >= next_ping:
+                        await pubsub.ping()
+                        next_ping = now + ping_every
+                    if message is None or message.get("type") != "message":
+                        continue
                     parts = str(message.get("data", "")).split()
                     if parts == ["drain"] and not self._stopping.is_set():
                         log.info("worker %s: drain requested by the orchestrator", self.id)

@@ -14,7 +14,7 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], t[2], ARGV[1])
 redis.call('ZADD', KEYS[5], t[3], ARGV[1])  -- the queue score submit.lua stored
 redis.call('HSET', KEYS[1], 'status', 'PENDING', 'failures', 0, 'retry_at', ARGV[2],
-  'avoid_workers', '', 'worker_id', '', 'updated_at', ARGV[2], 'finished_at', '',
+  'queued_at', ARGV[2], 'avoid_workers', '', 'worker_id', '', 'updated_at', ARGV[2], 'finished_at', '',
   'reason', 'requeued from the dead-letter set')
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[3], '*', 'type', 'task.retry',
   'task_id', ARGV[1], 'status', 'PENDING')

@@ -11,21 +11,37 @@
 --       [0,1), the caller's inbox entry id ('' for none). One argument, not 12 per task:
 --       the client packs each argument in Python, the JSON in C.
 -- Returns, per task, {1, new status} or {0, reason}.
--- Event types: flowmesh/events.py (EventType) lists every one.
+-- Event types: flowmesh/events.py (EventType) lists every one. task.finished and
+-- task.retry also say how the attempt went, for the orchestrator's metrics
+-- (orchestrator/task_stats.py): `executor`, `outcome` (done, or the failure kind),
+-- `wait_sec` (queued, or back from a retry's backoff, to started) and `run_sec` (started
+-- to ended), both '' for an attempt that never started; and `executed_by` when a DONE
+-- task's result came from an identical task's run (task merge).
 local worker, now = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 10
 local out = {}
 
-local function event(kind, id, attempt, new_status, pipeline)
+local function event(kind, id, attempt, new_status, pipeline, extra)
+  local fields = {'type', kind, 'task_id', id, 'attempt', attempt, 'worker_id', worker,
+    'status', new_status}
   if pipeline then
     -- the orchestrator re-evaluates the task's pipeline at once (pipelines.py)
-    redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', 'type', kind,
-      'task_id', id, 'attempt', attempt, 'worker_id', worker, 'status', new_status,
-      'pipeline_id', pipeline)
-  else
-    redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', 'type', kind,
-      'task_id', id, 'attempt', attempt, 'worker_id', worker, 'status', new_status)
+    fields[#fields + 1] = 'pipeline_id'
+    fields[#fields + 1] = pipeline
   end
+  for _, v in ipairs(extra) do fields[#fields + 1] = v end
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+
+-- The id of the task whose run a result came from (the worker adds `executed_by` to an
+-- identical task's copy), or nil. Decoded only when the text names the field at all.
+local function executed_by(result)
+  if not string.find(result, '"executed_by"', 1, true) then return nil end
+  local ok, decoded = pcall(cjson.decode, result)
+  if ok and type(decoded) == 'table' and type(decoded['executed_by']) == 'string' then
+    return decoded['executed_by']
+  end
+  return nil
 end
 
 local function settle(key, a)
@@ -33,7 +49,7 @@ local function settle(key, a)
   local id, attempt = a[1], a[2]
   local t = redis.call('HMGET', key, 'status', 'attempts', 'worker_id', 'seq', 'failures',
     'max_attempts', 'score', 'retry_backoff', 'history', 'dispatched_at', 'started_at',
-    'avoid_workers', 'pipeline_id')
+    'avoid_workers', 'pipeline_id', 'executor', 'task_type', 'created_at', 'queued_at')
   local status = t[1]
   local active = (status == 'DISPATCHED' or status == 'RUNNING')
   if a[12] ~= '' then
@@ -53,9 +69,24 @@ local function settle(key, a)
   local history = cjson.decode(t[9] or '[]')
   local err_message = ''
   if a[5] ~= '' then err_message = cjson.decode(a[5])['message'] or '' end
+  local outcome = (a[3] == 'DONE') and 'done' or a[6]
   table.insert(history, {attempt = tonumber(attempt), worker_id = worker,
     dispatched_at = tonumber(t[10]), started_at = tonumber(t[11]), ended_at = now,
-    outcome = (a[3] == 'DONE') and 'done' or a[6], error = err_message})
+    outcome = outcome, error = err_message})
+  -- What the event says about the attempt (the metrics): its executor, how it ended, how
+  -- long it waited to start since the task was ready to run (`queued_at`, set when it came
+  -- back from a retry; else submitted) and how long it ran. Clocks of different machines:
+  -- clamped at 0.
+  local executor = t[14]
+  if not executor or executor == '' then executor = t[15] or '' end
+  local wait_sec, run_sec = '', ''
+  local started, ready = tonumber(t[11]), tonumber(t[17] or t[16])
+  if started then
+    run_sec = string.format('%.6f', math.max(now - started, 0))
+    if ready then wait_sec = string.format('%.6f', math.max(started - ready, 0)) end
+  end
+  local extra = {'executor', executor, 'outcome', outcome, 'wait_sec', wait_sec,
+    'run_sec', run_sec}
   local seq = t[4]
   redis.call('ZREM', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
@@ -66,7 +97,12 @@ local function settle(key, a)
   if a[3] == 'DONE' then
     redis.call('HSET', key, 'status', 'DONE', 'result', a[4], 'error', '', 'finished_at', now)
     redis.call('ZADD', KEYS[4], seq, id)
-    event('task.finished', id, attempt, 'DONE', t[13])
+    local by = executed_by(a[4])
+    if by then
+      extra[#extra + 1] = 'executed_by'
+      extra[#extra + 1] = by
+    end
+    event('task.finished', id, attempt, 'DONE', t[13], extra)
     return {1, 'DONE'}
   end
 
@@ -85,11 +121,13 @@ local function settle(key, a)
     local reason = 'retry after ' .. a[6] .. ' (' .. failures .. ' of ' .. max_attempts ..
       ' failures allowed)'
     if a[8] == '0' then reason = 'requeued after ' .. a[6] .. ' (not counted)' end
+    -- queued_at: when the task is ready to run again, the start of its next queue wait.
     redis.call('HSET', key, 'status', 'PENDING', 'failures', failures, 'error', a[5],
-      'retry_at', now + delay, 'avoid_workers', avoid, 'worker_id', '', 'reason', reason)
+      'retry_at', now + delay, 'queued_at', string.format('%.6f', now + delay),
+      'avoid_workers', avoid, 'worker_id', '', 'reason', reason)
     redis.call('ZADD', KEYS[3], seq, id)
     redis.call('ZADD', KEYS[6], t[7], id)  -- the queue score submit.lua stored
-    event('task.retry', id, attempt, 'PENDING')
+    event('task.retry', id, attempt, 'PENDING', nil, extra)
     return {1, 'PENDING'}
   end
 
@@ -97,7 +135,7 @@ local function settle(key, a)
     'finished_at', now)
   redis.call('ZADD', KEYS[5], seq, id)
   redis.call('ZADD', KEYS[7], now, id)
-  event('task.finished', id, attempt, 'FAILED', t[13])
+  event('task.finished', id, attempt, 'FAILED', t[13], extra)
   return {1, 'FAILED'}
 end
 

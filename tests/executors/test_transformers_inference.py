@@ -132,6 +132,7 @@ def test_second_run_is_warm(executor, models, tmp_path):
     assert cold["warm"] is False and cold["load_sec"] > 0
     assert warm["warm"] is True and warm["load_sec"] == 0
     assert executor.health()["loaded_models"] == [str(models["llama"])]
+    assert executor.health()["model_loads"] == 1  # the warm run loaded nothing
 
 
 def test_least_recently_used_model_is_evicted(models, tmp_path):
@@ -141,6 +142,9 @@ def test_least_recently_used_model_is_evicted(models, tmp_path):
     executor.run(task(tmp_path, models["gpt2"], max_tokens=2))
 
     assert executor.health()["loaded_models"] == [str(models["gpt2"])]
+    # Evicted, llama is loaded again: every load counts.
+    executor.run(task(tmp_path, models["llama"], max_tokens=2))
+    assert executor.health()["model_loads"] == 3
     executor.close()
     assert executor.health()["loaded_models"] == []
 
