@@ -394,6 +394,12 @@ class Requirements(BaseModel):
     # with ORCHESTRATOR_BASE_URL can run it.
     uploads: bool = False
 
+    @property
+    def reserves_nothing(self) -> bool:
+        """No CPU, RAM or GPU held while it runs: it may wait in a worker's inbox (prefetch)
+        without holding anything another task needs."""
+        return not (self.cpu or self.memory or self.gpu_count)
+
     @classmethod
     def of(cls, body: TaskBody) -> Requirements:
         hw = body.resources.hardware

@@ -102,6 +102,8 @@ class WorkerRecord:
     tags: list[str] = field(default_factory=list)
     executors: list[str] = field(default_factory=list)
     slots: int = 0
+    # Tasks that reserve nothing may be queued in the inbox this far beyond the slots.
+    prefetch: int = 0
     cost_per_hour: float = 1.0
     heartbeat_interval: float = 30.0
     started_at: float = 0.0
@@ -149,6 +151,7 @@ class WorkerRecord:
             "tags": json.dumps(self.tags),
             "executors": json.dumps(self.executors),
             "slots": self.slots,
+            "prefetch": self.prefetch,
             "cost_per_hour": self.cost_per_hour,
             "heartbeat_interval": self.heartbeat_interval,
             "started_at": f"{self.started_at:.6f}",
@@ -172,6 +175,7 @@ class WorkerRecord:
             tags=j("tags", []),
             executors=j("executors", []),
             slots=int(raw.get("slots") or 0),
+            prefetch=int(raw.get("prefetch") or 0),
             cost_per_hour=float(raw.get("cost_per_hour") or 1.0),
             heartbeat_interval=float(raw.get("heartbeat_interval") or 30.0),
             started_at=float(raw.get("started_at") or 0),
@@ -207,6 +211,7 @@ class WorkerRecord:
             "executors": self.executors,
             "executor_states": {n: s.to_json() for n, s in sorted(self.executor_states.items())},
             "slots": self.slots,
+            "prefetch": self.prefetch,
             "running": self.running,
             "current_tasks": self.current_tasks,
             "loaded_models": self.loaded_models,

@@ -67,6 +67,9 @@ class WorkerView:
     slots: int
     status: str
     alive: bool
+    # Beyond its slots, tasks that reserve nothing may wait in its inbox this far: a freed
+    # slot is refilled from there without a round trip through the orchestrator.
+    prefetch: int = 0
     cost_per_hour: float = 1.0
     loaded_models: frozenset[str] = frozenset()
     loading_models: frozenset[str] = frozenset()
@@ -102,6 +105,7 @@ class WorkerView:
             memory=int(hw.get("memory_total", 0)),
             gpus=tuple(GpuView(g["name"], int(g["memory_total"])) for g in hw.get("gpus", [])),
             slots=record.slots,
+            prefetch=record.prefetch,
             status=record.status,
             alive=alive,
             cost_per_hour=record.cost_per_hour,
@@ -158,7 +162,7 @@ class WorkerView:
         return (
             self.taking_work
             and self.executor_ready(req.executor)
-            and self.running < self.slots
+            and self.running < self.slots + (self.prefetch if req.reserves_nothing else 0)
             and self.used_cpu + req.cpu <= self.cpu
             and self.used_memory + req.memory <= self.memory
             and self.used_gpus + req.gpu_count <= self.matching_gpus(req)

@@ -31,6 +31,7 @@ ENVIRONMENT = [
     ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)"),
     ("WORKER_COST_PER_HOUR", "USD per hour, reported and used as a tie-breaker (default 1.0)"),
     ("WORKER_SLOTS", "tasks run at once (default 4, or a batching executor's max_concurrency)"),
+    ("WORKER_PREFETCH", "tasks queued in the inbox beyond the slots (default slots, max 64)"),
     ("WORKER_EXECUTORS", "comma-separated executors to offer (default all available)"),
     ("WORKER_CPUS", "CPUs to offer, capping the detected count (default detected)"),
     ("WORKER_MEMORY", "RAM to offer, e.g. 16Gi, capping the detected total (default detected)"),

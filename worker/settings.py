@@ -34,6 +34,9 @@ class WorkerSettings:
     log_level: str
     cost_per_hour: float
     slots: int  # 0 (unset): sized from the executors, see worker.worker.default_slots
+    # Tasks the orchestrator may queue in the inbox beyond the slots; None (unset): as many
+    # as the slots, up to 64 (see worker.worker.default_prefetch).
+    prefetch: int | None
     executors: frozenset[str] | None
     cpus: float | None
     memory: int | None
@@ -80,6 +83,11 @@ class WorkerSettings:
             log_level=env_log_level(env),
             cost_per_hour=env_float(env, "WORKER_COST_PER_HOUR", 1.0, minimum=0.0),
             slots=env_int(env, "WORKER_SLOTS", 0, minimum=1, maximum=4096),
+            prefetch=(
+                env_int(env, "WORKER_PREFETCH", 0, minimum=0, maximum=4096)
+                if env_str(env, "WORKER_PREFETCH")
+                else None
+            ),
             executors=frozenset(only) if only else None,
             cpus=cpus or None,
             memory=env_bytes(env, "WORKER_MEMORY"),

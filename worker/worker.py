@@ -55,6 +55,9 @@ class Worker:
         self.inbox = self.keys.inbox(settings.task_topic, self.id)
         self.executors = sorted(executors)
         self.slots = settings.slots or default_slots(executors.values())
+        self.prefetch = (
+            default_prefetch(self.slots) if settings.prefetch is None else settings.prefetch
+        )
         self.nvml = Nvml()
         detected: Hardware = detect(self.nvml, cpus=settings.cpus, memory=settings.memory)
         gpus = usable_gpus(settings, detected.gpus)
@@ -87,6 +90,7 @@ class Worker:
                 tags=list(settings.tags),
                 executors=self.executors,
                 slots=self.slots,
+                prefetch=self.prefetch,
                 cost_per_hour=settings.cost_per_hour,
                 heartbeat_interval=settings.heartbeat_interval,
                 started_at=self.started_at,
@@ -472,6 +476,14 @@ class Worker:
 # Tasks a worker runs at once unless WORKER_SLOTS says: enough for a GPU-exclusive task
 # per GPU on most machines, and no more, so the queue keeps what the worker cannot start.
 DEFAULT_SLOTS = 4
+
+
+def default_prefetch(slots: int) -> int:
+    """Tasks queued in the inbox beyond the slots, by default: one more round of them (at
+    most 64), so a freed slot is refilled from the inbox at once rather than after the
+    orchestrator has heard of it. Only tasks that reserve no CPU, RAM or GPU are queued
+    so (orchestrator.scheduler.WorkerView.fits_now)."""
+    return min(slots, 64)
 
 
 def default_slots(executors: Iterable[type[Executor]]) -> int:

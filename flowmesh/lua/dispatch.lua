@@ -28,7 +28,10 @@ for _, group in ipairs(cjson.decode(ARGV[2])) do
       refuse = 'worker is disabled'
     end
   end
-  local free = tonumber(redis.call('HGET', whash, 'slots') or '0') - redis.call('SCARD', tasks)
+  -- Slots plus prefetch: the scheduler keeps a task that reserves CPU, RAM or GPU within
+  -- the slots; this is the outer bound, whatever the orchestrator's view was.
+  local cap = redis.call('HMGET', whash, 'slots', 'prefetch')
+  local free = tonumber(cap[1] or '0') + tonumber(cap[2] or '0') - redis.call('SCARD', tasks)
   local j = k + 4  -- this worker's first task hash
   for _, ids in ipairs(deliveries) do
     local placed = {}  -- {id, key, attempt, fields} of the tasks this delivery carries

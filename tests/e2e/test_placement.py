@@ -86,3 +86,40 @@ def test_resources_are_accounted_so_a_worker_is_not_oversubscribed(orchestrator,
         running += delta
         peak = max(peak, running)
     assert peak == 2
+
+
+def echo_slow(message: object, **resources: object) -> dict:
+    return {
+        "spec": {
+            "taskType": "echo",
+            "echo": {"message": message, "delaySec": 1.5},
+            "resources": resources,
+        }
+    }
+
+
+def test_prefetch_queues_work_in_the_inbox_and_a_killed_worker_loses_none(
+    orchestrator, start_worker, rdb
+):
+    import signal
+
+    w1 = start_worker("w1", WORKER_SLOTS="1", WORKER_PREFETCH="2")
+    ids = orchestrator.submit(*[echo_slow(i) for i in range(4)])
+    # One running, two queued in w1's inbox (they start as soon as the slot frees, without
+    # the orchestrator), the fourth pending.
+    wait_until(lambda: rdb.scard("worker:w1:tasks") == 3, what="3 tasks held by w1")
+    statuses = sorted(orchestrator.task(t)["status"] for t in ids)
+    assert statuses == ["DISPATCHED", "DISPATCHED", "PENDING", "RUNNING"], statuses
+    assert rdb.xlen("tasks:inbox:w1") == 3
+    (row,) = orchestrator.http.get("/api/v1/workers").json()["workers"]
+    assert (row["slots"], row["prefetch"]) == (1, 2)
+    # A task holding a CPU is never queued behind others: it waits where it can start.
+    (heavy,) = orchestrator.submit(echo_slow("heavy", hardware={"cpu": 1}))
+    assert orchestrator.task(heavy)["status"] == "PENDING"
+    # w1 dies holding a running task and two queued ones: all are re-placed, none lost.
+    start_worker("w2", WORKER_SLOTS="4", WORKER_PREFETCH="0")
+    w1.signal(signal.SIGKILL)
+    tasks = [orchestrator.wait(t, timeout=60) for t in [*ids, heavy]]
+    assert [t["status"] for t in tasks] == ["DONE"] * 5
+    for t in tasks:
+        assert [h["outcome"] for h in t["history"]].count("done") == 1, t["history"]

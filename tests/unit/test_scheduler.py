@@ -33,6 +33,7 @@ def worker(
     status="idle",
     cost=1.0,
     models=(),
+    prefetch=0,
 ) -> WorkerView:
     return WorkerView(
         worker_id=wid,
@@ -47,6 +48,7 @@ def worker(
         alive=alive,
         cost_per_hour=cost,
         loaded_models=frozenset(models),
+        prefetch=prefetch,
     )
 
 
@@ -133,6 +135,24 @@ def test_dead_draining_or_full_workers_get_nothing():
     assert [(p.task_id, p.worker_id) for p in plan] == [("t0", "full")]
     assert blocked == [echo]
     assert "waiting for a free slot" in s.explain(echo)
+
+
+def test_prefetch_queues_tasks_that_reserve_nothing_beyond_the_slots():
+    s = sched(worker("w", slots=2, prefetch=2, cpu=8.0))
+    echo = Requirements(executor="echo")
+    heavy = Requirements(executor="echo", cpu=1.0)
+    for i in range(6):
+        add(s, f"e{i}", echo, i)
+    plan, blocked = s.plan(10, 0.0)
+    # Two to run and two waiting in the inbox: a freed slot is refilled from there.
+    assert [p.task_id for p in plan] == ["e0", "e1", "e2", "e3"]
+    assert blocked == [echo]
+    # A task that holds a CPU is placed only where it can start: never queued behind others.
+    s2 = sched(worker("w", slots=2, prefetch=2, cpu=8.0))
+    for i in range(4):
+        add(s2, f"h{i}", heavy, i)
+    plan, _ = s2.plan(10, 0.0)
+    assert [p.task_id for p in plan] == ["h0", "h1"]
 
 
 def test_blocked_kind_does_not_hold_up_others():
