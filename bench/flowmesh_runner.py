@@ -6,8 +6,16 @@
 Throughput: an orchestrator and K worker processes; N no-op tasks submitted over HTTP in
 batches of 500 (the API's bulk form); time from the first submit until the shared Redis
 counter reaches N. Latency: one idle worker; N tasks one at a time, each submitted with
-POST and its result read back with one long-poll GET (`?wait=30`). Both go through
-FlowMesh's own client (`flowmesh.client`), as each peer goes through its own.
+POST and its result read back with one long-poll GET (`?wait=30`). Backlog: an
+orchestrator and no worker; N tasks submitted one POST each, in order; then K worker
+processes are started and drain them (`bench.peers.harness.Backlog`: Redis memory per
+pending task, first task start to last completion, CPU of the orchestrator, the workers and
+their executor children). All go through FlowMesh's own client (`flowmesh.client`), as
+each peer goes through its own.
+
+Throughput and latency run with WORKER_SLOTS=64 and LOG_LEVEL=WARNING unless `--defaults`;
+backlog always runs at FlowMesh's defaults (neither set: 4 slots for this executor, INFO
+logs). `--slots N` sets WORKER_SLOTS in every mode.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 import redis
 
-from bench.peers.harness import delete_matching, latency_result, throughput_result
+from bench.peers.harness import Backlog, delete_matching, latency_result, throughput_result
 from flowmesh import __version__
 from flowmesh.client import Client
 from flowmesh.embedded import free_port
@@ -35,31 +43,37 @@ PLUGIN = Path(__file__).resolve().parent / "plugin"
 
 
 class Fleet:
-    def __init__(self, redis_url: str, workers: int, slots: int):
+    """An orchestrator and `workers` worker processes, all ready. `slots`/`log_level`:
+    WORKER_SLOTS and LOG_LEVEL, None for FlowMesh's default."""
+
+    def __init__(
+        self, redis_url: str, workers: int, slots: int | None, log_level: str | None = "WARNING"
+    ):
         self.logs = Path(tempfile.mkdtemp(prefix="flowmesh-bench-"))
         self.env = {
             **os.environ,
             "REDIS_URL": redis_url,
             "FLOWMESH_BENCH_REDIS_URL": redis_url,
-            "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(PLUGIN),
             "WORKER_EXECUTORS": "bench_noop",
-            "WORKER_SLOTS": str(slots),
             "RESULTS_DIR": str(self.logs / "results"),
             "REDIS_KEY_PREFIX": f"fmbench{uuid.uuid4().hex[:6]}:",
         }
-        self.env.pop("FLOWMESH_API_TOKEN", None)
+        for name in ("FLOWMESH_API_TOKEN", "WORKER_SLOTS", "LOG_LEVEL"):
+            self.env.pop(name, None)
+        if slots is not None:
+            self.env["WORKER_SLOTS"] = str(slots)
+        if log_level is not None:
+            self.env["LOG_LEVEL"] = log_level
         self.prefix = self.env["REDIS_KEY_PREFIX"]
         self.port = free_port()
-        self.procs = [
-            self._spawn("orchestrator", ["-m", "orchestrator.main", "--port", str(self.port)])
-        ]
-        self.procs += [
-            self._spawn(f"w{i}", ["-m", "worker.main"], WORKER_ID=f"bench-{i}")
-            for i in range(workers)
-        ]
+        self.orchestrator = self._spawn(
+            "orchestrator", ["-m", "orchestrator.main", "--port", str(self.port)]
+        )
+        self.procs = [self.orchestrator]
         self.client = Client(f"http://127.0.0.1:{self.port}", timeout=60)
         self.r = redis.Redis.from_url(redis_url)
+        self.start_workers(workers)
         deadline = time.monotonic() + 60
         while True:
             if self.client.healthy() and all(self._ready(i) for i in range(workers)):
@@ -67,6 +81,14 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fleet did not start; logs in {self.logs}")
             time.sleep(0.1)
+
+    def start_workers(self, k: int) -> Workers:
+        """K worker processes, started now (not waited for)."""
+        procs = [
+            self._spawn(f"w{i}", ["-m", "worker.main"], WORKER_ID=f"bench-{i}") for i in range(k)
+        ]
+        self.procs += procs
+        return Workers(procs, self.logs)
 
     def _ready(self, i: int) -> bool:
         # Registered at once; ready once its executor child has started.
@@ -96,13 +118,29 @@ class Fleet:
         self.r.close()
 
 
-def spec(run_id: str, i: int, latency: bool = False) -> dict[str, Any]:
-    return {
-        "spec": {
-            "taskType": "bench_noop",
-            "bench_noop": {"run": run_id, "i": i, "t": time.time(), "latency": latency},
-        }
-    }
+class Workers:
+    """The worker processes of a backlog run, as `Backlog` wants them."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], logs: Path):
+        self.procs, self.logs = procs, logs
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"worker exited with code {p.returncode}; logs in {self.logs}")
+
+
+def spec(run_id: str, i: int, latency: bool = False, backlog: bool = False) -> dict[str, Any]:
+    args: dict[str, Any] = {"run": run_id, "i": i, "t": time.time(), "latency": latency}
+    if backlog:
+        args["backlog"] = True
+    return {"spec": {"taskType": "bench_noop", "bench_noop": args}}
+
+
+def fleet_settings(fleet: Fleet) -> str:
+    slots = fleet.env.get("WORKER_SLOTS", "unset (default: 4 for this executor)")
+    logs = fleet.env.get("LOG_LEVEL", "unset (default INFO: a line per task)")
+    return f"WORKER_SLOTS={slots}; LOG_LEVEL={logs}"
 
 
 def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
@@ -120,7 +158,7 @@ def throughput(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
     done = int(fleet.r.get(counter) or 0)
     fleet.r.delete(counter)
     settings = (
-        f"HTTP batches of 500; WORKER_SLOTS={fleet.env['WORKER_SLOTS']}; warm executor child "
+        f"HTTP batches of 500; {fleet_settings(fleet)}; warm executor child "
         "(max_concurrency 1, the default); responses.json + manifest.json per task on disk"
     )
     return throughput_result(
@@ -153,23 +191,56 @@ def latency(fleet: Fleet, n: int) -> dict[str, Any]:
         n,
         sorted(starts),
         results,
-        "flowmesh.client: POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll)",
+        "flowmesh.client: POST one task, then GET /api/v1/tasks/{id}?wait=30 (long poll); "
+        + fleet_settings(fleet),
     )
+
+
+def backlog(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    bl = Backlog(fleet.r, run_id, n, others={fleet.orchestrator.pid: "orchestrator"})
+    try:
+        bl.before()
+        for i in range(n):
+            fleet.client.submit(spec(run_id, i, backlog=True))
+        bl.enqueued()
+        bl.drain(bl.launch(lambda: fleet.start_workers(workers)))
+    finally:
+        for key in (f"bench:{run_id}:first", f"bench:{run_id}:done"):
+            fleet.r.delete(key)
+    settings = (
+        f"flowmesh.client: POST /api/v1/tasks once per task, before any worker; "
+        f"{fleet_settings(fleet)}; warm executor child (max_concurrency 1, the default); "
+        "responses.json + manifest.json per task on disk"
+    )
+    return bl.result("flowmesh", __version__, workers, settings)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--redis-url", required=True)
-    p.add_argument("--mode", choices=["throughput", "latency"], required=True)
+    p.add_argument("--mode", choices=["throughput", "latency", "backlog"], required=True)
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path)
-    p.add_argument("--slots", type=int, default=64, help="WORKER_SLOTS")
+    p.add_argument(
+        "--slots", type=int, help="WORKER_SLOTS (default: 64, or unset with --defaults/backlog)"
+    )
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="WORKER_SLOTS and LOG_LEVEL at FlowMesh's defaults (backlog mode always is)",
+    )
     args = p.parse_args()
-    fleet = Fleet(args.redis_url, 1 if args.mode == "latency" else args.workers, slots=args.slots)
+    defaults = args.defaults or args.mode == "backlog"
+    slots = args.slots if args.slots is not None else (None if defaults else 64)
+    workers = {"latency": 1, "backlog": 0}.get(args.mode, args.workers)
+    fleet = Fleet(args.redis_url, workers, slots, log_level=None if defaults else "WARNING")
     try:
         if args.mode == "throughput":
             out = throughput(fleet, args.tasks, args.workers)
+        elif args.mode == "backlog":
+            out = backlog(fleet, args.tasks, args.workers)
         else:
             out = latency(fleet, args.tasks)
     finally:

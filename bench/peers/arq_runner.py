@@ -3,7 +3,7 @@
 Run with the arq venv's python, from the repo root:
 
     .bench/venvs/arq/bin/python bench/peers/arq_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json
 
 Imports only arq and redis-py. Worker processes are started with arq's own CLI
 (`python -m arq arq_runner.WorkerSettings`), each in its own process group, and are
@@ -16,6 +16,9 @@ set) with ZRANGEBYSCORE once per poll_delay, at most queue_read_limit=100 job id
 (max(5*max_jobs, 100)), so a worker tops out near 100/0.5 s = 200 jobs/s and an idle one
 starts a job up to 0.5 s late. `--tuned` sets the worker's poll_delay to 0.01 s, for a
 "what a tuned setting gives" number; it is not the headline.
+
+Backlog mode (`harness.Backlog`): the N jobs are enqueued first, one awaited `enqueue_job`
+at a time, with no worker running; then K worker CLIs start and drain them.
 """
 
 from __future__ import annotations
@@ -27,16 +30,20 @@ import sys
 import time
 from importlib.metadata import version as pkg_version
 
+import redis
 import redis.asyncio as aioredis
 from arq import create_pool, func
 from arq.connections import RedisSettings
 from harness import (
     RESULT_TIMEOUT_S,
+    Backlog,
     WatchedWorkers,
     async_cleanup,
     async_measure,
     async_wait_done,
     async_wait_ready,
+    cleanup,
+    first_start,
     latency_result,
     main,
     start_ms_from,
@@ -66,6 +73,8 @@ async def bench_task(ctx: dict, index: int, submitted_at: float) -> None:
     r = ctx["redis"]
     if MODE == "latency":
         await r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        await r.rpush(f"bench:{RUN_ID}:first", repr(started))
     await r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -103,8 +112,11 @@ def settings_line(args: argparse.Namespace, mode: str) -> str:
         f"arq {pkg_version('arq')} + redis-py {pkg_version('redis')}; "
         f"worker via arq CLI, 1 asyncio process each, max_jobs=10 (default), {poll}, "
         f"keep_result=3600s (default), INFO logging (default); "
-        f"client enqueue_job (no bulk API), {SUBMIT_CHUNK} concurrent"
     )
+    if mode == "backlog":
+        s += "client enqueue_job once per job, awaited, before any worker"
+    else:
+        s += f"client enqueue_job (no bulk API), {SUBMIT_CHUNK} concurrent"
     if mode == "latency":
         s += f"; result via job.result(poll_delay={RESULT_POLL_DELAY}) (default poll_delay 0.5s)"
     return s
@@ -171,6 +183,31 @@ async def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    pool = await create_pool(
+        RedisSettings.from_dsn(args.redis_url), default_queue_name=queue_for(run_id)
+    )
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        for i in range(n):
+            await pool.enqueue_job("bench_task", i, time.time(), _job_id=f"bench-{run_id}-{i}")
+        bl.enqueued()
+        env = tuned_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        cleanup(r, run_id)
+        await pool.aclose()
+        r.close()
+    return bl.result(PEER, pkg_version("arq"), k, settings_line(args, "backlog"))
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tuned", action="store_true", help="non-default worker poll_delay (not the headline)"
@@ -178,4 +215,4 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency, add_args))
+    sys.exit(main(PEER, run_throughput, run_latency, add_args, run_backlog=run_backlog))

@@ -3,7 +3,8 @@
 Run with the celery venv's python, from the repo root:
 
     .bench/venvs/celery/bin/python bench/peers/celery_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json [--pool {solo,prefork}]
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json \
+        [--pool {solo,prefork,threads}] [--concurrency C]
 
 Imports only celery (kombu) and redis-py. Worker processes are started with Celery's own
 CLI (`python -m celery -A celery_runner worker ...`), each in its own process group, and
@@ -14,7 +15,9 @@ Settings (the headline):
 - `--pool=solo` (the default of `--pool` here): the task runs in the worker process
   itself. Measured faster than `--pool=prefork --concurrency=1` (the consumer hands each
   task to a forked child over a pipe and reads the result back) in throughput and latency,
-  see the report; `--pool prefork` gives the other number.
+  see the report; `--pool prefork` gives the other number. `--pool threads` runs the task
+  on a thread pool in the worker process. `--concurrency` is 1 unless given; 0 leaves it
+  at Celery's default (the number of CPUs).
 - prefetch: Celery's default, `worker_prefetch_multiplier=4` (x concurrency 1);
 - acks: Celery's default, early ack (`task_acks_late=False`);
 - throughput mode: no result backend (`task_ignore_result=True`); latency mode: the Redis
@@ -24,6 +27,10 @@ Settings (the headline):
   keys are left behind and nothing else shares the connection;
 - client: `apply_async` in a loop on one producer (`app.producer_or_acquire()`): Celery has
   no bulk enqueue (a `group`/`chunks` is a different workload).
+
+Backlog mode (`harness.Backlog`): the N tasks are sent first, one `apply_async` each, with
+no worker running; then K workers start and drain them. The backlog section of the suite
+runs it with `--pool threads --concurrency 0` (threads, Celery's default concurrency).
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from celery import Celery
 from celery.signals import worker_ready
 from harness import (
     RESULT_TIMEOUT_S,
+    Backlog,
     Workers,
     cleanup,
+    first_start,
     latency_result,
     main,
     measure,
@@ -101,6 +110,8 @@ def bench_task(index: int, submitted_at: float) -> None:
     r = _redis()
     if MODE == "latency":
         r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        r.rpush(f"bench:{RUN_ID}:first", repr(started))
     r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -123,7 +134,7 @@ def worker_cmds(args: argparse.Namespace, run_id: str, k: int) -> list[list[str]
             "celery_runner",
             "worker",
             f"--pool={args.pool}",
-            "--concurrency=1",
+            *([f"--concurrency={args.concurrency}"] if args.concurrency else []),
             "--loglevel=WARNING",
             "--without-gossip",
             "--without-mingle",
@@ -134,16 +145,25 @@ def worker_cmds(args: argparse.Namespace, run_id: str, k: int) -> list[list[str]
     ]
 
 
+POOLS = {
+    "solo": "pool=solo (task runs in the worker process)",
+    "prefork": "pool=prefork",
+    "threads": "pool=threads",
+}
+
+
 def settings_line(args: argparse.Namespace, mode: str) -> str:
     v = pkg_version
+    pool = POOLS[args.pool]
+    if args.pool != "solo":
+        pool += (
+            f", concurrency={args.concurrency}"
+            if args.concurrency
+            else f", concurrency={os.cpu_count()} (default: CPUs)"
+        )
     parts = [
         f"celery {v('celery')} + kombu {v('kombu')} + redis-py {v('redis')}",
-        "worker via celery CLI: "
-        + (
-            "pool=solo (task runs in the worker process)"
-            if args.pool == "solo"
-            else "pool=prefork, concurrency=1"
-        ),
+        f"worker via celery CLI: {pool}",
         "prefetch multiplier 4 (default)",
         "early ack (default)",
         "remote control/gossip/mingle off",
@@ -151,6 +171,9 @@ def settings_line(args: argparse.Namespace, mode: str) -> str:
     ]
     if mode == "latency":
         parts.append("result backend: Redis (same server), AsyncResult.get() (pub/sub)")
+    elif mode == "backlog":
+        parts.append("no result backend (task_ignore_result)")
+        parts.append("client apply_async once per task on one producer, before any worker")
     else:
         parts.append("no result backend (task_ignore_result)")
         parts.append("client apply_async in a loop on one producer (no bulk API)")
@@ -219,14 +242,45 @@ def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    client = make_app(args.redis_url, run_id, "backlog")
+    task = client.tasks[TASK_NAME]
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        with client.producer_or_acquire() as producer:
+            for i in range(n):
+                task.apply_async((i, time.time()), task_id=f"bench-{run_id}-{i}", producer=producer)
+        bl.enqueued()
+        env = worker_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        cleanup(r, run_id)
+        client.close()
+        r.close()
+    return bl.result(PEER, pkg_version("celery"), k, settings_line(args, "backlog"))
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--pool",
-        choices=["solo", "prefork"],
+        choices=sorted(POOLS),
         default="solo",
-        help="worker pool (prefork runs with --concurrency=1); solo is the headline",
+        help="worker pool; solo is the headline of the throughput and latency sections",
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="--concurrency of the prefork and threads pools; 0: Celery's default (CPUs)",
     )
 
 
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency, add_args))
+    sys.exit(main(PEER, run_throughput, run_latency, add_args, run_backlog=run_backlog))

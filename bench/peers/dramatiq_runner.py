@@ -3,7 +3,7 @@
 Run with the dramatiq venv's python, from the repo root:
 
     .bench/venvs/dramatiq/bin/python bench/peers/dramatiq_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json
 
 Imports only dramatiq and redis-py. The workers are started with Dramatiq's own CLI,
 `python -m dramatiq dramatiq_runner --processes K --threads 8`: one supervisor process
@@ -27,6 +27,10 @@ Settings (the headline):
 - the broker's key namespace is `dramatiq-bench-<run_id>` instead of `dramatiq` so every
   key of the run (queue, .msgs, acks, heartbeats) can be deleted at the end; this changes
   only the key names.
+
+Backlog mode (`harness.Backlog`): the N messages are sent first, one `actor.send` each,
+with no worker running; then the CLI starts (one supervisor forking K worker processes:
+"worker" and "child" in the CPU split) and drains them.
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
 from harness import (
     RESULT_TIMEOUT_S,
+    Backlog,
     Workers,
     cleanup,
+    first_start,
     latency_result,
     main,
     measure,
@@ -94,6 +100,8 @@ def bench_task(index: int, submitted_at: float) -> None:
     r = _redis()
     if MODE == "latency":
         r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        r.rpush(f"bench:{RUN_ID}:first", repr(started))
     r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -163,6 +171,9 @@ def settings_line(args: argparse.Namespace, mode: str, k: int) -> str:
     ]
     if mode == "latency":
         parts.append("Results middleware, RedisBackend (same server), get_result(block=True)")
+    elif mode == "backlog":
+        parts.append("no result backend")
+        parts.append("client actor.send() once per task, before any worker")
     else:
         parts.append("no result backend")
         parts.append("client actor.send() in a loop (no bulk API)")
@@ -230,5 +241,28 @@ def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    client_broker, actor, _ = setup(args.redis_url, run_id, "backlog", worker_side=False)
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        for i in range(n):
+            actor.send(i, time.time())
+        bl.enqueued()
+        env = dramatiq_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        cleanup(r, run_id)
+        client_broker.close()
+        r.close()
+    return bl.result(PEER, pkg_version("dramatiq"), k, settings_line(args, "backlog", k))
+
+
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency))
+    sys.exit(main(PEER, run_throughput, run_latency, run_backlog=run_backlog))

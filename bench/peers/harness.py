@@ -7,8 +7,9 @@ Standard library only; the Redis clients (redis-py, sync or asyncio) are passed 
 
 What is here: worker processes (each the leader of its own process group, stopped with
 SIGTERM, a grace period, then SIGKILL to the group), readiness and completion waits on the
-bench:<run_id>:* counters, the run's key cleanup, percentiles, the result dicts, the
-one-line summary and the common command line (`main`).
+bench:<run_id>:* counters, the run's key cleanup, percentiles, the backlog mode's steps
+(`Backlog`: Redis memory, CPU of a process tree from /proc, first start and last
+completion), the result dicts, the one-line summary and the common command line (`main`).
 """
 
 from __future__ import annotations
@@ -51,23 +52,56 @@ def _die_with_parent() -> None:
         pass
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of pid (from /proc), so children that left the group die too."""
-    children: dict[int, list[int]] = {}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, CPU seconds) of every live process, from /proc/<pid>/stat. The CPU is
+    utime + stime + cutime + cstime: the process's own and that of the children it has
+    reaped (a child that has ended is counted in its parent)."""
+    table = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             stat = (d / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            # after "(comm)": state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+            fields = stat[stat.rindex(")") + 2 :].split()
+            table[int(d.name)] = (int(fields[1]), sum(map(int, fields[11:15])) / CLK_TCK)
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(d.name))
+    return table
+
+
+def _tree(table: dict[int, tuple[int, float]], pid: int) -> list[int]:
+    """All descendants of pid in `table` (a _proc_table)."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(child)
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of pid (from /proc), so children that left the group die too."""
+    return _tree(_proc_table(), pid)
+
+
+def tree_cpu(roots: dict[int, str]) -> dict[str, float]:
+    """CPU seconds so far by kind: each root process (pid -> kind) under its kind, all its
+    live descendants under "child" (children already reaped count with their parent)."""
+    table = _proc_table()
+    out: dict[str, float] = {}
+    for root, kind in roots.items():
+        if root not in table:
+            continue
+        out[kind] = out.get(kind, 0.0) + table[root][1]
+        for c in _tree(table, root):
+            out["child"] = out.get("child", 0.0) + table[c][1]
     return out
 
 
@@ -357,6 +391,126 @@ def start_times(r: Any, run_id: str, submitted: dict[int, float]) -> list[float]
     return start_ms_from(r.lrange(f"bench:{run_id}:start", 0, -1), submitted)
 
 
+# ---- backlog mode ----
+BACKLOG_SETTLE_S = 0.5  # after the last enqueue, before used_memory is read again
+
+_first_start_noted = False
+
+
+def first_start() -> bool:
+    """Backlog mode, in a worker process: True the first time the process starts a task (the
+    task then RPUSHes its start time to bench:<run_id>:first), False afterwards, so that a
+    process records once, not once per task. Threads may race to a second record: harmless,
+    the earliest is taken. A process forked per task (RQ's work horse) records every time."""
+    global _first_start_noted
+    if _first_start_noted:
+        return False
+    _first_start_noted = True
+    return True
+
+
+def _used_memory(r: Any) -> int:
+    return int(r.info("memory")["used_memory"])
+
+
+def _redis_cpu(r: Any) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+class Backlog:
+    """Backlog mode, in steps around what the runner does itself (enqueue N tasks one per
+    call, start K workers):
+
+        bl = Backlog(r, run_id, n)   # r: a *sync* redis-py client, in async runners too
+        bl.before()                  # Redis used_memory; the enqueue clock starts
+        ... enqueue N tasks, one per request, in order ...
+        bl.enqueued()                # used_memory again
+        workers = bl.launch(lambda: Workers(...))   # CPU baseline, then the workers
+        bl.drain(workers)            # until bench:<run_id>:done reaches N
+        return bl.result(peer, version, k, settings)
+
+    `others` are the system's processes already running (FlowMesh's orchestrator: pid ->
+    kind), counted from the launch on like the workers. The workers' object needs `procs`
+    (their Popen objects, kind "worker"; their descendants are "child") and `check_alive()`.
+    Nothing else runs in the client during the drain, so blocking reads are fine there."""
+
+    def __init__(self, r: Any, run_id: str, n: int, others: dict[int, str] | None = None):
+        self.r, self.run_id, self.n = r, run_id, n
+        self.roots = dict(others or {})
+
+    def before(self) -> None:
+        with suppress(Exception):  # allocator pages freed by earlier runs
+            self.r.execute_command("MEMORY", "PURGE")
+        self.mem_before = _used_memory(self.r)
+        self.t_enqueue = time.perf_counter()
+
+    def enqueued(self) -> None:
+        self.enqueue_sec = time.perf_counter() - self.t_enqueue
+        time.sleep(BACKLOG_SETTLE_S)  # writes the system makes after replying
+        self.mem_after = _used_memory(self.r)
+
+    def launch(self, start: Callable[[], Any]) -> Any:
+        self.cpu0 = tree_cpu(self.roots)
+        self.redis_cpu0 = _redis_cpu(self.r)
+        self.t_launch = time.time()
+        workers = start()
+        self.roots.update({p.pid: "worker" for p in workers.procs})
+        return workers
+
+    def drain(self, workers: Any) -> None:
+        done_key = f"bench:{self.run_id}:done"
+        deadline = time.monotonic() + DONE_TIMEOUT_S
+        self.cpu_first: dict[str, float] | None = None
+        self.done_first = 0
+        while True:
+            done = int(self.r.get(done_key) or 0)
+            if done and self.cpu_first is None:  # the drain proper starts: workers are up
+                self.cpu_first, self.done_first = tree_cpu(self.roots), done
+            if done >= self.n or time.monotonic() > deadline:
+                break
+            workers.check_alive()
+            time.sleep(DONE_POLL_S)
+        self.t_done = time.time()
+        self.cpu1 = tree_cpu(self.roots)
+        self.redis_cpu1 = _redis_cpu(self.r)
+        self.done = done
+        firsts = [float(x) for x in self.r.lrange(f"bench:{self.run_id}:first", 0, -1)]
+        self.t_first = min(firsts) if firsts else float("nan")
+
+    def result(self, peer: str, version: str, k: int, settings: str) -> dict:
+        done = max(1, self.done)
+        cpu = {kind: sec - self.cpu0.get(kind, 0.0) for kind, sec in self.cpu1.items()}
+        first = self.cpu_first or {}
+        drain_cpu = sum(self.cpu1.values()) - sum(first.values())
+        drained = self.done - self.done_first
+        steady_sec = self.t_done - self.t_first
+        wall_sec = self.t_done - self.t_launch
+        added = self.mem_after - self.mem_before
+        return {
+            "system": peer,
+            "version": version,
+            "mode": "backlog",
+            "tasks": self.n,
+            "workers": k,
+            "completed": self.done,
+            "enqueue_sec": self.enqueue_sec,
+            "enqueue_rate": self.n / self.enqueue_sec,
+            "redis_mb_added": added / 2**20,
+            "redis_bytes_per_task": added / self.n,
+            "startup_sec": self.t_first - self.t_launch,
+            "steady_sec": steady_sec,
+            "steady": self.done / steady_sec,
+            "wall_sec": wall_sec,
+            "wall": self.done / wall_sec,
+            "cpu_ms_per_task": sum(cpu.values()) * 1000 / done,
+            "cpu_ms_per_task_by_kind": {kind: sec * 1000 / done for kind, sec in cpu.items()},
+            "drain_cpu_ms_per_task": drain_cpu * 1000 / drained if drained > 0 else None,
+            "redis_cpu_ms_per_task": (self.redis_cpu1 - self.redis_cpu0) * 1000 / done,
+            "settings": settings,
+        }
+
+
 # ---- results ----
 def percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[round(q * (len(sorted_vals) - 1))]
@@ -414,6 +568,14 @@ def latency_result(
 
 def summary(res: dict) -> str:
     head = f"{res['system']} {res['version']} {res['mode']}: "
+    if res["mode"] == "backlog":
+        split = ", ".join(f"{k} {v:.3f}" for k, v in res["cpu_ms_per_task_by_kind"].items())
+        return head + (
+            f"{res['completed']}/{res['tasks']} tasks, {res['workers']} worker(s): "
+            f"enqueue {res['enqueue_rate']:.0f}/s, Redis {res['redis_bytes_per_task']:.0f} B "
+            f"per pending task; steady {res['steady']:.0f} tasks/s, wall {res['wall']:.0f} "
+            f"tasks/s; CPU {res['cpu_ms_per_task']:.3f} ms per task ({split})"
+        )
     if res["mode"] == "throughput":
         return head + (
             f"{res['completed']}/{res['tasks']} tasks, {res['workers']} worker(s): "
@@ -437,15 +599,23 @@ def main(
     run_latency: Runner,
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    *,
+    run_backlog: Runner | None = None,
 ) -> int:
     """The common command line: parse, run one mode, write --out, print the summary line.
     add_args adds the peer's own flags; async runners are run with asyncio.run."""
+    runners = {"throughput": run_throughput, "latency": run_latency}
+    if run_backlog is not None:
+        runners["backlog"] = run_backlog
     ap = argparse.ArgumentParser(description=f"{peer} benchmark runner (common peer protocol)")
     ap.add_argument("--redis-url", required=True)
-    ap.add_argument("--mode", choices=["throughput", "latency"], required=True)
+    ap.add_argument("--mode", choices=list(runners), required=True)
     ap.add_argument("--tasks", type=int, required=True)
     ap.add_argument(
-        "--workers", type=int, default=1, help="worker processes (throughput mode; latency uses 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (throughput and backlog modes; latency uses 1)",
     )
     ap.add_argument("--out", required=True)
     if add_args is not None:
@@ -456,8 +626,7 @@ def main(
     run_id = uuid.uuid4().hex[:12]
     # a SIGTERM from whoever runs us still unwinds through the finally blocks that stop the workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    runner = run_throughput if args.mode == "throughput" else run_latency
-    res = runner(args, run_id)
+    res = runners[args.mode](args, run_id)
     if inspect.iscoroutine(res):
         res = asyncio.run(res)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

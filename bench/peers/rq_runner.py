@@ -3,7 +3,7 @@
 Run with the rq venv's python, from the repo root:
 
     .bench/venvs/rq/bin/python bench/peers/rq_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json \
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json \
         [--worker-class {default,simple}] [--result-wait {poll,block}]
 
 Imports only rq and redis-py. Workers are started with RQ's own CLI
@@ -21,6 +21,11 @@ Settings (the headline):
 - client: `Queue.enqueue_many` (one pipeline per chunk of SUBMIT_CHUNK jobs);
 - latency mode: `job.latest_result()` polled every 1 ms (`--result-wait block` uses
   `job.latest_result(timeout=...)`, a blocking XREAD on the result stream, instead).
+
+Backlog mode (`harness.Backlog`): the N jobs are enqueued first, one `Queue.enqueue` each,
+with no worker running; then K workers start and drain them. Each work horse is a fresh
+fork, so every job records its start (one RPUSH more per job), and the horses' CPU counts
+with the worker that reaped them.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ import redis
 from harness import (
     READY_TIMEOUT_S,
     RESULT_TIMEOUT_S,
+    Backlog,
     Workers,
     cleanup,
+    first_start,
     latency_result,
     main,
     measure,
@@ -67,6 +74,8 @@ def bench_task(index: int, submitted_at: float) -> None:
     r = get_current_job().connection  # the worker's own connection
     if MODE == "latency":
         r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        r.rpush(f"bench:{RUN_ID}:first", repr(started))
     r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -132,6 +141,8 @@ def settings_line(args: argparse.Namespace, mode: str) -> str:
             parts.append(f"result: job.latest_result() polled every {RESULT_POLL_S * 1000:g} ms")
         else:
             parts.append("result: job.latest_result(timeout=...) (blocking XREAD)")
+    elif mode == "backlog":
+        parts.append("client Queue.enqueue once per job, before any worker")
     else:
         parts.append(f"client Queue.enqueue_many in chunks of {SUBMIT_CHUNK}")
     return "; ".join(parts)
@@ -199,6 +210,28 @@ def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    q = Queue(queue_for(run_id), connection=r)
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        for i in range(n):
+            q.enqueue(TASK, i, time.time(), job_id=f"bench-{run_id}-{i}")
+        bl.enqueued()
+        env = worker_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        rq_cleanup(r, run_id, q)
+        r.close()
+    return bl.result(PEER, pkg_version("rq"), k, settings_line(args, "backlog"))
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--worker-class",
@@ -215,4 +248,4 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency, add_args))
+    sys.exit(main(PEER, run_throughput, run_latency, add_args, run_backlog=run_backlog))

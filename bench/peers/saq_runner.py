@@ -3,7 +3,7 @@
 Run with the saq venv's python, from the repo root:
 
     .bench/venvs/saq/bin/python bench/peers/saq_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json
 
 Imports only saq and redis-py. Each worker process is SAQ's own CLI,
 `python -m saq saq_runner.settings` (--workers 1, one asyncio process), with the defaults:
@@ -14,6 +14,9 @@ from BENCH_* environment variables, because the CLI imports this module to find 
 Latency mode waits with queue.apply(..., poll_interval=0.001): SAQ's apply/map polls the
 job every poll_interval (default 0.5 s). `--tuned` is accepted for symmetry with the other
 runners and changes nothing here.
+
+Backlog mode (`harness.Backlog`): the N jobs are enqueued first, one awaited
+`queue.enqueue` at a time, with no worker running; then K worker CLIs start and drain them.
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ import sys
 import time
 from importlib.metadata import version as pkg_version
 
+import redis
 import redis.asyncio as aioredis
 from harness import (
     RESULT_TIMEOUT_S,
+    Backlog,
     WatchedWorkers,
     async_cleanup,
     async_measure,
     async_wait_done,
     async_wait_ready,
+    cleanup,
+    first_start,
     latency_result,
     main,
     start_ms_from,
@@ -60,6 +67,8 @@ async def bench_task(ctx: dict, *, index: int, submitted_at: float) -> None:
     r = ctx["worker"].queue.redis
     if MODE == "latency":
         await r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        await r.rpush(f"bench:{RUN_ID}:first", repr(started))
     await r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -91,9 +100,15 @@ def settings_line(args: argparse.Namespace, mode: str) -> str:
         f"saq {pkg_version('saq')} + redis-py {pkg_version('redis')}; "
         f"worker via saq CLI, 1 asyncio process each, concurrency=10 (default), "
         f"dequeue_timeout=0 (default: blocking BLMOVE), job ttl 600s (default), "
-        f"WARNING logging (default); client queue.enqueue (no bulk API), {SUBMIT_CHUNK} concurrent "
-        f"(SAQ caps in-flight enqueues at max_concurrent_ops=20, default)"
+        f"WARNING logging (default); "
     )
+    if mode == "backlog":
+        s += "client queue.enqueue once per job, awaited, before any worker"
+    else:
+        s += (
+            f"client queue.enqueue (no bulk API), {SUBMIT_CHUNK} concurrent "
+            f"(SAQ caps in-flight enqueues at max_concurrent_ops=20, default)"
+        )
     if mode == "latency":
         s += f"; result via queue.apply(poll_interval={APPLY_POLL_INTERVAL}) (default 0.5s)"
     if args.tuned:
@@ -163,6 +178,30 @@ async def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    queue = Queue.from_url(args.redis_url, name=queue_name(run_id))
+    await queue.connect()
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        for i in range(n):
+            await queue.enqueue("bench_task", index=i, submitted_at=time.time())
+        bl.enqueued()
+        env = tuned_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        cleanup(r, run_id)
+        await queue.disconnect()
+        r.close()
+    return bl.result(PEER, pkg_version("saq"), k, settings_line(args, "backlog"))
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tuned", action="store_true", help="accepted for symmetry; changes nothing for saq"
@@ -170,4 +209,4 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency, add_args))
+    sys.exit(main(PEER, run_throughput, run_latency, add_args, run_backlog=run_backlog))

@@ -3,7 +3,7 @@
 Run with the taskiq venv's python, from the repo root:
 
     .bench/venvs/taskiq/bin/python bench/peers/taskiq_runner.py --redis-url URL \
-        --mode {throughput,latency} --tasks N --workers K --out OUT.json
+        --mode {throughput,latency,backlog} --tasks N --workers K --out OUT.json
 
 Imports only taskiq, taskiq-redis and redis-py. Setup as taskiq-redis's README shows it:
 RedisStreamBroker (Redis streams, consumer group, acks) with RedisAsyncResultBackend
@@ -18,6 +18,11 @@ The stream broker blocks in XREADGROUP (xread_block=2000 ms, count=100): no poll
 The client side of latency mode polls with task.wait_result(check_interval=0.001)
 (default 0.2 s). `--tuned` is accepted for symmetry with the other runners and changes
 nothing here.
+
+Backlog mode (`harness.Backlog`): the N tasks are sent first, one awaited `task.kiq` at a
+time, with no worker running (the client's `broker.startup()` has made the consumer group,
+so they are kept); then K worker CLIs start (each a supervisor, "worker" in the CPU split,
+and its worker child, "child") and drain them.
 """
 
 from __future__ import annotations
@@ -29,14 +34,18 @@ import sys
 import time
 from importlib.metadata import version as pkg_version
 
+import redis
 import redis.asyncio as aioredis
 from harness import (
     RESULT_TIMEOUT_S,
+    Backlog,
     WatchedWorkers,
     async_cleanup,
     async_measure,
     async_wait_done,
     async_wait_ready,
+    cleanup,
+    first_start,
     latency_result,
     main,
     start_ms_from,
@@ -71,6 +80,8 @@ async def bench_task(index: int, submitted_at: float) -> None:
     r = _bench_redis
     if MODE == "latency":
         await r.rpush(f"bench:{RUN_ID}:start", f"{index}:{started!r}")
+    elif MODE == "backlog" and first_start():
+        await r.rpush(f"bench:{RUN_ID}:first", repr(started))
     await r.incr(f"bench:{RUN_ID}:done")
 
 
@@ -104,8 +115,11 @@ def settings_line(args: argparse.Namespace, mode: str) -> str:
         f"acks) + RedisAsyncResultBackend(result_ex_time={RESULT_EX_TIME}); worker via taskiq CLI "
         f"--workers 1 per process (supervisor + 1 child), --max-async-tasks 100 (default), "
         f"ack when_saved (default), INFO logging (default); "
-        f"client task.kiq (no bulk API), {SUBMIT_CHUNK} concurrent"
     )
+    if mode == "backlog":
+        s += "client task.kiq once per task, awaited, before any worker"
+    else:
+        s += f"client task.kiq (no bulk API), {SUBMIT_CHUNK} concurrent"
     if mode == "latency":
         s += f"; result via task.wait_result(check_interval={RESULT_CHECK_INTERVAL}) (default 0.2s)"
     if args.tuned:
@@ -187,6 +201,29 @@ async def run_latency(args: argparse.Namespace, run_id: str) -> dict:
     )
 
 
+async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
+    n, k = args.tasks, args.workers
+    r = redis.Redis.from_url(args.redis_url)
+    b, task = await client_broker(args.redis_url, run_id)
+    bl = Backlog(r, run_id, n)
+    workers = None
+    try:
+        bl.before()
+        for i in range(n):
+            await task.kiq(i, time.time())
+        bl.enqueued()
+        env = tuned_env(args, run_id, "backlog")
+        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
+        bl.drain(workers)
+    finally:
+        if workers is not None:
+            workers.stop()
+        cleanup(r, run_id)
+        await b.shutdown()
+        r.close()
+    return bl.result(PEER, pkg_version("taskiq"), k, settings_line(args, "backlog"))
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--tuned", action="store_true", help="accepted for symmetry; changes nothing for taskiq"
@@ -194,4 +231,4 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(PEER, run_throughput, run_latency, add_args))
+    sys.exit(main(PEER, run_throughput, run_latency, add_args, run_backlog=run_backlog))
