@@ -13,10 +13,13 @@ One `RedisConfig`, built from the environment by both processes, covers:
   replica is dropped, so after a failover each command that fails is retried by its loop
   against the new primary.
 
-Every connection has a socket timeout (`REDIS_SOCKET_TIMEOUT_SEC`, default 10): a primary
-that hangs rather than closing its sockets (a frozen host, a network partition) is given up
-on in that time, not waited on for ever, so a failover is noticed. The blocking reads in the
-code block for 1 s, well inside it.
+With Sentinel every connection has a socket timeout (`REDIS_SOCKET_TIMEOUT_SEC`, default
+10): a primary that hangs rather than closing its sockets (a frozen host, a network
+partition) is given up on in that time, not waited on for ever, so a failover is noticed.
+The blocking reads in the code block for 1 s, well inside it. A direct server has none
+unless the setting asks: there is no other server to go to, so giving up on a hung one only
+retries against it, and redis-py then wraps every command's send and read in an asyncio
+timer (`wait_for` makes a task per send), which the backlog benchmark measured.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from flowmesh.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+SENTINEL_SOCKET_TIMEOUT = 10.0  # REDIS_SOCKET_TIMEOUT_SEC's default with Sentinel
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 DIRECT_SCHEMES = {"redis": False, "rediss": True, "unix": False}
 
@@ -51,7 +55,7 @@ ENVIRONMENT = [
     ("REDIS_USERNAME", "ACL user; overrides the URL's (default: the URL's, else 'default')"),
     ("REDIS_PASSWORD", "the ACL user's password; overrides the URL's"),
     ("REDIS_SENTINEL_PASSWORD", "the sentinels' own password (redis+sentinel://)"),
-    ("REDIS_SOCKET_TIMEOUT_SEC", "give up on a Redis that does not answer (default 10)"),
+    ("REDIS_SOCKET_TIMEOUT_SEC", "give up on a silent Redis (default 10 with Sentinel, else none)"),
 ]
 URL_HELP = (
     "Redis URL (required): redis://[user:password@]host:port/db, rediss:// for TLS, "
@@ -123,7 +127,8 @@ class RedisConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     sentinel_password: str | None = field(default=None, repr=False)
-    socket_timeout: float = 10.0
+    # None: no timeout (a direct server), see the module's docstring.
+    socket_timeout: float | None = None
 
     @classmethod
     def from_env(cls, env: Env, *, variable: str = "REDIS_URL") -> RedisConfig:
@@ -135,7 +140,7 @@ class RedisConfig:
             username=env_str(env, "REDIS_USERNAME") or None,
             password=env.get("REDIS_PASSWORD") or None,
             sentinel_password=env.get("REDIS_SENTINEL_PASSWORD") or None,
-            socket_timeout=env_float(env, "REDIS_SOCKET_TIMEOUT_SEC", 10.0, minimum=2.0),
+            socket_timeout=env_float(env, "REDIS_SOCKET_TIMEOUT_SEC", 0.0, minimum=2.0) or None,
         )
         if config.url:
             config.check(variable)
@@ -146,7 +151,14 @@ class RedisConfig:
 
     def __repr__(self) -> str:  # settings get logged: never with a password in them
         files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
-        return f"RedisConfig({self}, tls_files={files}, socket_timeout={self.socket_timeout})"
+        return f"RedisConfig({self}, tls_files={files}, socket_timeout={self.timeout})"
+
+    @property
+    def timeout(self) -> float | None:
+        """The socket timeout in force: the setting, else 10 s with Sentinel, else none."""
+        if self.socket_timeout is None and self.scheme in SENTINEL_SCHEMES:
+            return SENTINEL_SOCKET_TIMEOUT
+        return self.socket_timeout
 
     @property
     def scheme(self) -> str:
@@ -254,8 +266,8 @@ class RedisConfig:
 
     def _sentinel_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
         }
         if self.tls:
             kwargs["ssl"] = True
@@ -270,8 +282,8 @@ class RedisConfig:
             "decode_responses": True,
             "health_check_interval": 30,
             "socket_keepalive": True,
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
             "retry_on_timeout": True,
             **overrides,
         }

@@ -321,7 +321,7 @@ class Worker:
         # An idle channel is silent, and so is one whose server hangs (a frozen primary that
         # Sentinel has replaced): a ping every few seconds tells them apart.
         ping_every = 5.0
-        deaf_after = ping_every + self.settings.redis.socket_timeout
+        deaf_after = ping_every + (self.settings.redis.timeout or 10.0)
         while True:
             pubsub = self.conn.pubsub(ignore_subscribe_messages=True)
             try:

@@ -65,6 +65,14 @@ def test_passwords_never_show():
     assert str(config) == "redis://app:***@h:6379/0" == redact(config.url)
 
 
+def test_only_sentinel_connections_time_out_by_default():
+    assert RedisConfig.from_env({"REDIS_URL": "redis://h/0"}).timeout is None
+    assert RedisConfig.from_env({"REDIS_URL": "redis+sentinel://s/fm"}).timeout == 10.0
+    assert RedisConfig("redis+sentinel://s/fm").timeout == 10.0
+    set_ = {"REDIS_URL": "redis://h/0", "REDIS_SOCKET_TIMEOUT_SEC": "3"}
+    assert RedisConfig.from_env(set_).timeout == 3.0
+
+
 def test_the_socket_timeout_must_outlast_the_blocking_reads():
     with pytest.raises(ConfigError, match="REDIS_SOCKET_TIMEOUT_SEC must be >= 2"):
         RedisConfig.from_env({"REDIS_URL": "redis://h/0", "REDIS_SOCKET_TIMEOUT_SEC": "1"})
