@@ -15,6 +15,7 @@ takes its URL as input (a pipeline's next stage) finds it without a download.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,13 @@ def check_destination(ctx: TaskContext, config: ArtifactsConfig | None) -> None:
 
 
 def final_dirs(ctx: TaskContext) -> list[str]:
-    """The final directories the run wrote, of FINAL_DIRS."""
-    return [d for d in FINAL_DIRS if (ctx.artifacts_dir / d).is_dir()]
+    """The final directories the run wrote, of FINAL_DIRS. Asked after every task: most
+    write no artifacts at all, and then this is one failed lookup, not one per name."""
+    try:
+        names = os.listdir(ctx.artifacts_dir)
+    except OSError:
+        return []
+    return [d for d in FINAL_DIRS if d in names and (ctx.artifacts_dir / d).is_dir()]
 
 
 def publish(
