@@ -136,3 +136,35 @@ def test_worker_gpus_restricts_what_the_worker_offers(start_worker, gpus, rdb, o
     start_worker("g1", WORKER_GPUS=gpus[-1]["uuid"])
     hardware = json.loads(rdb.hget("worker:g1", "hardware"))
     assert [g["uuid"] for g in hardware["gpus"]] == [gpus[-1]["uuid"]]
+
+
+def test_nvml_telemetry_reaches_the_metrics_scrape(start_orchestrator, start_worker, gpus):
+    """Each GPU's utilisation, memory and power, read by the worker through NVML, beat into
+    its record and served by GET /metrics as Prometheus gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    orchestrator = start_orchestrator()
+    start_worker("g1", HEARTBEAT_INTERVAL_SEC="1")
+
+    def gpu_gauges() -> dict[tuple[str, str], float]:
+        text = orchestrator.http.get("/metrics").text
+        return {
+            (s.name, s.labels["gpu"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith("flowmesh_worker_gpu_") and s.labels.get("worker") == "g1"
+        }
+
+    found = wait_until(
+        lambda: (g := gpu_gauges()) and len({i for _, i in g}) == len(gpus) and g,
+        timeout=30,
+        what="GPU gauges for every GPU",
+    )
+    for gpu in gpus:
+        i = gpu["index"]
+        total = found[("flowmesh_worker_gpu_memory_total_bytes", i)]
+        assert total > 1 << 30  # a real card's memory, in bytes
+        assert 0 <= found[("flowmesh_worker_gpu_memory_used_bytes", i)] <= total
+        assert 0 <= found[("flowmesh_worker_gpu_utilization_percent", i)] <= 100
+        assert found[("flowmesh_worker_gpu_power_watts", i)] > 0
+    print("GPU telemetry:", found)
