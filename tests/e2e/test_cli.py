@@ -234,6 +234,8 @@ def _env_names(settings: Path) -> set[str]:
     names |= set(re.findall(r'env\.get\(\s*"([A-Z0-9_]+)"', text))
     if "env_log_level(" in text:
         names.add("LOG_LEVEL")
+    if "RedisConfig.from_env(" in text:  # REDIS_URL and the REDIS_* settings, read there
+        names |= _env_names(ROOT / "flowmesh" / "redis_conn.py") | {"REDIS_URL"}
     return names
 
 

@@ -230,7 +230,7 @@ def test_cancel_and_timeout_stop_the_trainer(
     )
     long = _lora_sft(tiny_model, max_steps=10_000)
     long["spec"]["output"] = {"destination": {"type": "local"}}
-    timed = {**long, "spec": {**long["spec"], "timeoutSec": 25, "maxAttempts": 1}}
+    timed = {**long, "spec": {**long["spec"], "timeoutSec": 45, "maxAttempts": 1}}
     cancelled, timed_out = orch.submit(long, timed)
 
     wait_until(

@@ -269,6 +269,7 @@ def test_tasks_for_a_model_still_loading_share_its_one_engine(executor, monkeypa
             "loaded_models": ["m"],
             "loading_models": [],
             "engine": {"m": {"state": "ready", "running": 0, "max_num_seqs": 32}},
+            "model_loads": 1,  # one engine started for both
         }
         executor._release(a)
         executor._release(b)
