@@ -204,7 +204,7 @@ def backlog(fleet: Fleet, n: int, workers: int) -> dict[str, Any]:
         for i in range(n):
             fleet.client.submit(spec(run_id, i, backlog=True))
         bl.enqueued()
-        bl.drain(bl.launch(lambda: fleet.start_workers(workers)))
+        bl.drain(lambda: fleet.start_workers(workers))
     finally:
         for key in (f"bench:{run_id}:first", f"bench:{run_id}:done"):
             fleet.r.delete(key)

@@ -339,14 +339,17 @@ async def connect(
     target: str | RedisConfig | None, *, variable: str = "REDIS_URL"
 ) -> aioredis.Redis:
     """A connected client, or ConfigError naming the variable and the cause."""
-    config = target if isinstance(target, RedisConfig) else RedisConfig(target or "")
+    if not isinstance(target, RedisConfig):  # a bare URL; from_env has checked a config
+        target = RedisConfig(target or "")
+        if target.url:
+            target.check(variable)
+    config = target
     if not config.url:
         raise ConfigError(
             f"{variable} is not set: point it at your Redis server, "
             "e.g. export REDIS_URL=redis://localhost:6379/0 "
             "(or run `uv run flowmesh demo`, which starts an embedded Redis)"
         )
-    config.check(variable)
     try:
         conn = config.client()
     except ValueError as exc:

@@ -190,18 +190,15 @@ async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
         RedisSettings.from_dsn(args.redis_url), default_queue_name=queue_for(run_id)
     )
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         for i in range(n):
             await pool.enqueue_job("bench_task", i, time.time(), _job_id=f"bench-{run_id}-{i}")
         bl.enqueued()
         env = tuned_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
-        bl.drain(workers)
+        bl.drain(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         cleanup(r, run_id)
         await pool.aclose()
         r.close()

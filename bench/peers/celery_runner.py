@@ -248,7 +248,6 @@ def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
     client = make_app(args.redis_url, run_id, "backlog")
     task = client.tasks[TASK_NAME]
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         with client.producer_or_acquire() as producer:
@@ -256,11 +255,9 @@ def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
                 task.apply_async((i, time.time()), task_id=f"bench-{run_id}-{i}", producer=producer)
         bl.enqueued()
         env = worker_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
-        bl.drain(workers)
+        bl.drain(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         cleanup(r, run_id)
         client.close()
         r.close()

@@ -246,18 +246,15 @@ def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
     r = redis.Redis.from_url(args.redis_url)
     client_broker, actor, _ = setup(args.redis_url, run_id, "backlog", worker_side=False)
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         for i in range(n):
             actor.send(i, time.time())
         bl.enqueued()
         env = dramatiq_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
-        bl.drain(workers)
+        bl.drain(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         cleanup(r, run_id)
         client_broker.close()
         r.close()

@@ -426,8 +426,8 @@ class Backlog:
         bl.before()                  # Redis used_memory; the enqueue clock starts
         ... enqueue N tasks, one per request, in order ...
         bl.enqueued()                # used_memory again
-        workers = bl.launch(lambda: Workers(...))   # CPU baseline, then the workers
-        bl.drain(workers)            # until bench:<run_id>:done reaches N
+        bl.drain(lambda: Workers(...))   # CPU baseline, the workers, until N are done
+        ...                          # and in the runner's finally: bl.stop()
         return bl.result(peer, version, k, settings)
 
     `others` are the system's processes already running (FlowMesh's orchestrator: pid ->
@@ -438,6 +438,7 @@ class Backlog:
     def __init__(self, r: Any, run_id: str, n: int, others: dict[int, str] | None = None):
         self.r, self.run_id, self.n = r, run_id, n
         self.roots = dict(others or {})
+        self.workers: Any = None
 
     def before(self) -> None:
         with suppress(Exception):  # allocator pages freed by earlier runs
@@ -450,15 +451,15 @@ class Backlog:
         time.sleep(BACKLOG_SETTLE_S)  # writes the system makes after replying
         self.mem_after = _used_memory(self.r)
 
-    def launch(self, start: Callable[[], Any]) -> Any:
+    def drain(self, start: Callable[[], Any]) -> None:
+        """Start the workers (`start()`: the CPU baseline is taken just before) and wait
+        until the counter reaches N. The workers are stopped by `stop`, in the runner's
+        `finally`, whatever happened."""
         self.cpu0 = tree_cpu(self.roots)
         self.redis_cpu0 = _redis_cpu(self.r)
         self.t_launch = time.time()
-        workers = start()
+        self.workers = workers = start()
         self.roots.update({p.pid: "worker" for p in workers.procs})
-        return workers
-
-    def drain(self, workers: Any) -> None:
         done_key = f"bench:{self.run_id}:done"
         deadline = time.monotonic() + DONE_TIMEOUT_S
         self.cpu_first: dict[str, float] | None = None
@@ -477,6 +478,10 @@ class Backlog:
         self.done = done
         firsts = [float(x) for x in self.r.lrange(f"bench:{self.run_id}:first", 0, -1)]
         self.t_first = min(firsts) if firsts else float("nan")
+
+    def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
 
     def result(self, peer: str, version: str, k: int, settings: str) -> dict:
         done = max(1, self.done)

@@ -215,18 +215,15 @@ def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
     r = redis.Redis.from_url(args.redis_url)
     q = Queue(queue_for(run_id), connection=r)
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         for i in range(n):
             q.enqueue(TASK, i, time.time(), job_id=f"bench-{run_id}-{i}")
         bl.enqueued()
         env = worker_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
-        bl.drain(workers)
+        bl.drain(lambda: Workers(PEER, worker_cmds(args, run_id, k), env))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         rq_cleanup(r, run_id, q)
         r.close()
     return bl.result(PEER, pkg_version("rq"), k, settings_line(args, "backlog"))

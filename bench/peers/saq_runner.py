@@ -184,18 +184,15 @@ async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
     queue = Queue.from_url(args.redis_url, name=queue_name(run_id))
     await queue.connect()
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         for i in range(n):
             await queue.enqueue("bench_task", index=i, submitted_at=time.time())
         bl.enqueued()
         env = tuned_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
-        bl.drain(workers)
+        bl.drain(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         cleanup(r, run_id)
         await queue.disconnect()
         r.close()

@@ -206,18 +206,15 @@ async def run_backlog(args: argparse.Namespace, run_id: str) -> dict:
     r = redis.Redis.from_url(args.redis_url)
     b, task = await client_broker(args.redis_url, run_id)
     bl = Backlog(r, run_id, n)
-    workers = None
     try:
         bl.before()
         for i in range(n):
             await task.kiq(i, time.time())
         bl.enqueued()
         env = tuned_env(args, run_id, "backlog")
-        workers = bl.launch(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
-        bl.drain(workers)
+        bl.drain(lambda: WatchedWorkers(PEER, worker_cmd(), env, k))
     finally:
-        if workers is not None:
-            workers.stop()
+        bl.stop()
         cleanup(r, run_id)
         await b.shutdown()
         r.close()
