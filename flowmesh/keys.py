@@ -50,6 +50,12 @@ class Keys:
     def task(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
 
+    def task_spec(self, task_id: str) -> str:
+        """String: the task's spec as JSON, without the fields at their defaults. Apart
+        from the hash so that the hash keeps Redis's compact encoding (listpack: every
+        value under 64 bytes), which halves a pending task's memory."""
+        return f"{self.prefix}task:{task_id}:spec"
+
     @property
     def task_seq(self) -> str:
         return f"{self.prefix}tasks:seq"

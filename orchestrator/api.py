@@ -151,7 +151,6 @@ async def dead_letters(
 ) -> Any:
     rows = await fleet(request).store.dead_letters(limit, cursor)
     for row in rows:
-        row.pop("spec", None)
         row["error"] = public_error(row.get("error"))
     next_cursor = rows[-1]["dead_lettered_at"] if len(rows) == limit else None
     return {"tasks": rows, "next_cursor": next_cursor}
@@ -199,7 +198,6 @@ async def list_tasks(
         status=status, task_type=type, limit=limit, after=after, descending=order == "desc"
     )
     for row in rows:
-        row.pop("spec", None)
         row.pop("result", None)
         _public(f, row)
     return {"tasks": rows, "next_cursor": str(next_cursor) if next_cursor else None}

@@ -1,6 +1,7 @@
 -- Place PENDING tasks on workers: the one atomic step from queue to inbox, for a batch.
 -- KEYS: 1 pending queue, 2 status:PENDING, 3 status:DISPATCHED, then per worker:
---       its hash, heartbeat, task set and inbox stream, followed by its tasks' hashes
+--       its hash, heartbeat, task set and inbox stream, followed by each of its tasks'
+--       hash and spec key
 -- ARGV: 1 now (epoch seconds), 2 JSON array of [worker id, [delivery, ...]] in KEYS
 --       order, a delivery being an array of task ids: one task, or the tasks of a merged
 --       delivery (the first is its parent)
@@ -37,9 +38,11 @@ for _, group in ipairs(cjson.decode(ARGV[2])) do
     local placed = {}  -- {id, key, attempt, fields} of the tasks this delivery carries
     for i = 1, #ids do
       local key, id = KEYS[j], ids[i]
-      j = j + 1
       local t = redis.call('HMGET', key, 'status', 'spec', 'seq', 'task_type', 'timeout_sec',
         'executor', 'identity', 'created_at')
+      -- The spec has a key of its own; a task stored before it had kept it in the hash.
+      t[2] = redis.call('GET', KEYS[j + 1]) or t[2]
+      j = j + 2
       local result
       if t[1] ~= 'PENDING' then
         result = 'task is ' .. tostring(t[1])

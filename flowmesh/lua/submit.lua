@@ -5,11 +5,11 @@
 -- whichever orchestrator gets there first.
 -- KEYS: 1 task sequence counter, 2 tasks:all, 3 status:PENDING, 4 pending queue,
 --       5 idempotency key (unused when ARGV[3] is ''), 6 pipeline hash (unused when
---       ARGV[6] is ''), 7.. task hashes
+--       ARGV[6] is ''), then per task its hash and its spec key
 -- ARGV: 1 now, 2 idempotency ttl (seconds), 3 the new ids as JSON for the idempotency
 --       key ('' for none), 4 a JSON array with, per task, an array of 17 strings: task id,
 --       name, task type, priority, max attempts, retry backoff, timeout ('' for none),
---       spec json, requirements json, executor, merge key and identity ('' for none),
+--       spec json (to the spec key), requirements json, executor, merge key and identity ('' for none),
 --       pipeline id, stage, item index, preferred workers (comma-separated), why
 --       (the last five '' outside a pipeline; empty ones are not stored), 5 the request's
 --       hash (sha256 hex of its canonical specs; '' without a key), 6 the stage's field
@@ -28,7 +28,7 @@
 -- every digit ('%.0f'), since a Lua number returned to Redis is cut to an integer and one
 -- formatted with tostring() keeps only 14 digits. (1000 - priority) * 1e12 + seq is an
 -- integer below 2^53 (priority in [-1000, 1000], seq < 1e12), so a double holds it exactly.
-local n = #KEYS - 6
+local n = (#KEYS - 6) / 2
 if ARGV[3] ~= '' then
   local kind = redis.call('TYPE', KEYS[5])['ok']
   if kind == 'hash' then
@@ -55,10 +55,11 @@ for i = 1, n do
   local id, priority, seq = a[1], tonumber(a[4]), first + i - 1
   local score = string.format('%.0f', (1000 - priority) * 1e12 + seq)
   scores[i] = score
-  local key = KEYS[6 + i]
+  local key = KEYS[5 + 2 * i]
+  redis.call('SET', KEYS[6 + 2 * i], a[8])
   redis.call('HSET', key, 'task_id', id, 'name', a[2], 'task_type', a[3],
     'status', 'PENDING', 'priority', a[4], 'seq', seq, 'score', score, 'attempts', 0,
-    'failures', 0, 'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7], 'spec', a[8],
+    'failures', 0, 'max_attempts', a[5], 'retry_backoff', a[6], 'timeout_sec', a[7],
     'requirements', a[9], 'executor', a[10], 'merge_key', a[11], 'identity', a[12],
     'history', '[]', 'created_at', ARGV[1], 'updated_at', ARGV[1])
   for j = 1, 5 do

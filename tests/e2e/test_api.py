@@ -208,7 +208,7 @@ def test_values_no_spec_may_hold_are_400_naming_the_path(orchestrator, rdb):
     ]:
         r = post(orchestrator, body, content_type)
         assert r.status_code == 201, r.text
-        stored = json.loads(rdb.hget(f"task:{r.json()['tasks'][0]['task_id']}", "spec"))
+        stored = json.loads(rdb.get(f"task:{r.json()['tasks'][0]['task_id']}:spec"))
         assert stored["spec"]["echo"]["message"] == "\U0001f600"
 
 

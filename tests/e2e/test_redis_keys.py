@@ -61,6 +61,24 @@ def test_documented_keys_after_a_task(orchestrator, start_worker, rdb):
     assert "task.started" in types and "task.finished" in types
 
 
+def test_a_pending_task_is_a_compact_hash_and_its_spec_key(orchestrator, rdb):
+    """A pending task costs Redis about 1.2 KB, not 2.9: its hash stays listpack-encoded
+    (every value short) because the spec, without its defaults, has a key of its own. The
+    API still shows the whole spec, defaults included."""
+    (task_id,) = orchestrator.submit(
+        {"spec": {"taskType": "echo", "priority": 5, "echo": {"message": "m" * 200}}}
+    )
+    assert rdb.hget(f"task:{task_id}", "status") == "PENDING"  # no worker: it stays so
+    assert rdb.object("encoding", f"task:{task_id}") == "listpack"
+    assert "spec" not in rdb.hkeys(f"task:{task_id}")
+    stored = json.loads(rdb.get(f"task:{task_id}:spec"))
+    assert stored == {"spec": {"taskType": "echo", "priority": 5, "echo": {"message": "m" * 200}}}
+    shown = orchestrator.task(task_id)["spec"]
+    assert shown["spec"]["echo"] == {"message": "m" * 200}
+    assert shown["spec"]["priority"] == 5 and shown["spec"]["maxAttempts"] == 3
+    assert shown["apiVersion"] == "flowmesh/v1" and shown["kind"] == "Task"
+
+
 def test_heartbeat_ttl_follows_the_interval(start_worker, rdb):
     start_worker("slow-beat", HEARTBEAT_INTERVAL_SEC="40")
     assert 150 < rdb.ttl("worker:slow-beat:heartbeat") <= 160
