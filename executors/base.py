@@ -351,12 +351,12 @@ def unknown_fields(model: type[BaseModel], raw: Any, path: str) -> list[tuple[st
     extra_rule = model.model_config.get("extra")
     if not isinstance(raw, dict) or extra_rule == "allow":
         return []
-    names = _field_names(model)
+    names, nested = _field_names(model), _nested_fields(model)
     problems: list[tuple[str, str]] = []
     for key, value in raw.items():
-        if key in names:
-            problems += _nested_unknown(names[key], value, f"{path}.{key}")
-        elif extra_rule != "forbid":
+        if key in nested:
+            problems += _nested_unknown(nested[key], value, f"{path}.{key}")
+        elif key not in names and extra_rule != "forbid":
             problems.append((f"{path}.{key}", "Extra inputs are not permitted"))
     return problems
 
@@ -372,6 +372,19 @@ def _field_names(model: type[BaseModel]) -> dict[str, Any]:
             aliases += info.validation_alias.choices
         names.update({a: info.annotation for a in aliases if isinstance(a, str)})
     return names
+
+
+@functools.cache
+def _nested_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """The keys of `model` whose values may hold a model to look into: the walk skips the
+    rest (a spec is checked again in the child, per task, so this is on the hot path)."""
+    return {key: ann for key, ann in _field_names(model).items() if _holds_model(ann)}
+
+
+def _holds_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_model(a) for a in get_args(annotation))
 
 
 def _nested_unknown(annotation: Any, value: Any, path: str) -> list[tuple[str, str]]:

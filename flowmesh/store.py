@@ -206,6 +206,7 @@ class TaskStore:
         self._submit = conn.register_script(_script("submit"))
         self._dispatch = conn.register_script(_script("dispatch"))
         self._start = conn.register_script(_script("start"))
+        self._take = conn.register_script(_script("take"))
         self._progress = conn.register_script(_script("progress"))
         self._settle = conn.register_script(_script("settle"))
         self._cancel = conn.register_script(_script("cancel"))
@@ -498,6 +499,40 @@ class TaskStore:
             ],
         )
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
+
+    async def take(
+        self, worker_id: str, inbox: str, count: int
+    ) -> list[tuple[str, dict[str, str], list[Outcome]]]:
+        """Read up to `count` new entries of `worker_id`'s inbox and start the attempts they
+        carry, in one script call: (stream id, fields, an outcome per attempt of
+        `Delivery.from_entry`) per entry. A worker whose inbox holds work saves the round
+        trip between its read and `start`."""
+        k = self.keys
+        entries, outcomes = await self._take(
+            keys=[
+                inbox,
+                k.tasks_by_status(TaskStatus.DISPATCHED),
+                k.tasks_by_status(TaskStatus.RUNNING),
+                k.events,
+                k.worker_tasks(worker_id),
+            ],
+            args=[
+                INBOX_GROUP,
+                worker_id,
+                count,
+                f"{time.time():.6f}",
+                EVENTS_MAXLEN,
+                k.task(""),
+            ],
+        )
+        return [
+            (
+                str(stream_id),
+                dict(zip(flat[::2], flat[1::2], strict=True)),
+                [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in started],
+            )
+            for (stream_id, flat), started in zip(entries, outcomes, strict=True)
+        ]
 
     async def progress(
         self, worker_id: str, task_id: str, attempt: int, progress: dict[str, Any]

@@ -37,6 +37,13 @@ from orchestrator.waiters import Waiters
 log = logging.getLogger(__name__)
 
 PLAN_BATCH = 1000
+# A busy stream's events are read in batches: after a read that found some (but not a full
+# batch), and while nobody long-polls a result, the next read waits this long first. Each
+# read costs the orchestrator a round trip whether it brings one event or a thousand; at
+# a thousand tasks a second, reading as each event came meant about two reads per task.
+# A worker's prefetched tasks cover the delay (placement refills on `task.finished`).
+EVENTS_LINGER_SEC = 0.002
+EVENTS_BATCH = 1000
 # Elastic scaling decides at most this often (orchestrator.scaling).
 SCALE_EVERY_SEC = 0.25
 
@@ -129,7 +136,12 @@ class Fleet:
         now = time.time()
         for t in tasks:
             self.scheduler.add_pending(t.queue_entry(), now)
-        self.wake()
+        if tasks:
+            self.wake()
+            # Let the placement loop run first, up to its dispatch call, and the request
+            # answer after: placing the task before writing the reply takes about a
+            # millisecond off its start, and adds to the reply only placement's planning.
+            await asyncio.sleep(0)
         return tasks, existing
 
     async def cancel(self, task_id: str) -> tuple[bool, str]:
@@ -258,8 +270,11 @@ class Fleet:
     # -- placement ---------------------------------------------------------------
     async def _placement_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: a wake resumes this loop in the event loop's
+            # next turn (wait_for's own task took two more), which `submit` relies on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.refresh_sec)
+                async with asyncio.timeout(self.refresh_sec):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if self._refresh_now or time.monotonic() - self._last_refresh >= self.refresh_sec:
@@ -346,7 +361,11 @@ class Fleet:
         k = self.keys
         # Entries an earlier orchestrator read but never acked are taken over first.
         claim_from: str | None = "0-0"
+        # Handled entries, acked in the same round trip as the next read.
+        handled: list[str] = []
+        linger = False
         while True:
+            entries: list[tuple[str, dict[str, str]]] = []
             try:
                 if claim_from is not None:
                     next_id, entries, *_ = await self.conn.xautoclaim(
@@ -358,16 +377,33 @@ class Fleet:
                         count=500,
                     )
                     claim_from = next_id if next_id != "0-0" else None
+                    await self._handle_events(entries)
+                    if entries:
+                        await self.conn.xack(k.events, EVENTS_GROUP, *[i for i, _ in entries])
                 else:
-                    reply = await self.conn.xreadgroup(
-                        EVENTS_GROUP, self.consumer, {k.events: ">"}, count=1000, block=1000
-                    )
+                    if linger and not self.waiters:
+                        await asyncio.sleep(EVENTS_LINGER_SEC)
+                    async with self.conn.pipeline(transaction=False) as pipe:
+                        if handled:
+                            pipe.xack(k.events, EVENTS_GROUP, *handled)
+                        pipe.xreadgroup(
+                            EVENTS_GROUP,
+                            self.consumer,
+                            {k.events: ">"},
+                            count=EVENTS_BATCH,
+                            block=1000,
+                        )
+                        reply = (await pipe.execute())[-1]
+                    handled = []
                     entries = reply[0][1] if reply else []
-                await self._handle_events(entries)
+                    linger = 0 < len(entries) < EVENTS_BATCH
+                    await self._handle_events(entries)
+                    handled = [i for i, _ in entries]
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     # Redis came back without its data: the stream and group are new again.
                     log.warning("events group missing (Redis restarted empty?); recreating it")
+                    handled = []
                     await self._create_events_group()
                     self.wake(refresh=True)
                 else:
@@ -378,6 +414,7 @@ class Fleet:
                 await asyncio.sleep(1.0)
             except Exception:  # a malformed event must not stop the loop
                 log.exception("handling events failed")
+                handled = [i for i, _ in entries]  # handled as far as it goes: not again
                 await asyncio.sleep(1.0)
 
     async def _create_events_group(self) -> None:
@@ -413,7 +450,6 @@ class Fleet:
         if requeued:
             await self._enqueue(requeued)
             self.wake()
-        await self.conn.xack(self.keys.events, EVENTS_GROUP, *[i for i, _ in entries])
 
     def _pipeline_event(self, fields: dict[str, str]) -> None:
         pipeline_id = fields.get("pipeline_id")

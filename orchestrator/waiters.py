@@ -35,6 +35,10 @@ class Waiters:
             if not waiters:
                 self._waiters.pop(key, None)
 
+    def __bool__(self) -> bool:
+        """Whether anyone waits (a long poll): the events loop then reads without delay."""
+        return bool(self._waiters)
+
     def notify(self, key: str) -> None:
         for future in self._waiters.get(key, ()):
             if not future.done():

@@ -31,7 +31,7 @@ from flowmesh.errors import ConfigError
 from flowmesh.failures import FailureKind, failure
 from flowmesh.keys import INBOX_GROUP, Keys
 from flowmesh.status import TaskStatus, WorkerStatus
-from flowmesh.store import Delivery, Ending, TaskStore
+from flowmesh.store import Delivery, Ending, Outcome, TaskStore
 from flowmesh.workers import WorkerPresence, WorkerRecord
 from worker.attempt import HANDED_BACK, Attempt, Attempts
 from worker.devices import DeviceAllocator, select_gpus
@@ -362,6 +362,10 @@ class Worker:
         # or reads lost to a Redis error), then new entries only.
         attempts = self.attempts
         start_id = "0"
+        # Whether the last read filled every free slot: more is likely waiting, and the next
+        # read takes and starts new entries in one call (take.lua) instead of two. Otherwise
+        # it blocks on XREADGROUP for the next entry, as an idle worker does.
+        busy = False
         while not self._stopping.is_set():
             free = self.slots - len(self.running)
             if free <= 0:
@@ -371,25 +375,32 @@ class Worker:
             if attempts.reread and start_id == ">":
                 attempts.reread = False
                 start_id = "0"
+            taken: list[tuple[str, dict[str, str], list[Outcome]]] | None = None
             try:
-                reply = await self.conn.xreadgroup(
-                    INBOX_GROUP, self.id, {self.inbox: start_id}, count=free, block=1000
-                )
+                if busy and start_id == ">":
+                    taken = await self.store.take(self.id, self.inbox, free)
+                    entries = [(sid, fields) for sid, fields, _ in taken]
+                else:
+                    reply = await self.conn.xreadgroup(
+                        INBOX_GROUP, self.id, {self.inbox: start_id}, count=free, block=1000
+                    )
+                    entries = reply[0][1] if reply else []
             except (RedisError, OSError) as exc:
                 log.warning("reading inbox %s failed: %s; retrying", self.inbox, exc)
                 await asyncio.sleep(1.0)
-                start_id = "0"
+                start_id, busy = "0", False
                 continue
-            entries = reply[0][1] if reply else []
+            busy = len(entries) >= free
             if start_id != ">" and not entries:
                 start_id = ">"
                 continue
             batch: list[Delivery] = []
-            for stream_id, fields in entries:
+            outcomes: list[Outcome] = []
+            for i, (stream_id, fields) in enumerate(entries):
                 if not fields:
                     continue  # acked meanwhile
                 # One attempt, or each child of a merged delivery (task merge).
-                for delivery in Delivery.from_entry(stream_id, fields):
+                for j, delivery in enumerate(Delivery.from_entry(stream_id, fields)):
                     current = self.running.get(delivery.task_id)
                     if current is not None:
                         if current.delivery.stream_id != stream_id:
@@ -402,9 +413,13 @@ class Worker:
                     attempts.opened(delivery)
                     self.running[delivery.task_id] = Attempt(delivery)
                     batch.append(delivery)
+                    if taken is not None:
+                        outcomes.append(taken[i][2][j])
             if start_id != ">" and entries:
                 start_id = entries[-1][0]
-            if batch:
+            if batch and taken is not None:
+                await self._begin(batch, outcomes)
+            elif batch:
                 await self._start(batch)
 
     async def _start(self, batch: list[Delivery]) -> None:
@@ -421,6 +436,11 @@ class Worker:
             attempts.slot_freed.set()
             await asyncio.sleep(0.2)
             return
+        await self._begin(batch, outcomes)
+
+    async def _begin(self, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+        """Run each delivery that Redis started; drop (and ack) the ones it refused."""
+        attempts = self.attempts
         dropped: list[Delivery] = []
         for delivery, started in zip(batch, outcomes, strict=True):
             if not started.ok:

@@ -50,11 +50,12 @@ def check_destination(ctx: TaskContext, config: ArtifactsConfig | None) -> None:
 def final_dirs(ctx: TaskContext) -> list[str]:
     """The final directories the run wrote, of FINAL_DIRS. Asked after every task: most
     write no artifacts at all, and then this is one failed lookup, not one per name."""
+    root = os.path.join(ctx.work_dir, "artifacts")  # ctx.artifacts_dir, without pathlib
     try:
-        names = os.listdir(ctx.artifacts_dir)
+        names = os.listdir(root)
     except OSError:
         return []
-    return [d for d in FINAL_DIRS if d in names and (ctx.artifacts_dir / d).is_dir()]
+    return [d for d in FINAL_DIRS if d in names and os.path.isdir(os.path.join(root, d))]
 
 
 def publish(
