@@ -501,12 +501,14 @@ class TaskStore:
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
 
     async def take(
-        self, worker_id: str, inbox: str, count: int
-    ) -> list[tuple[str, dict[str, str], list[Outcome]]]:
+        self, worker_id: str, inbox: str, count: int, here: Sequence[str]
+    ) -> list[tuple[str, dict[str, str], list[Outcome | None]]]:
         """Read up to `count` new entries of `worker_id`'s inbox and start the attempts they
         carry, in one script call: (stream id, fields, an outcome per attempt of
         `Delivery.from_entry`) per entry. A worker whose inbox holds work saves the round
-        trip between its read and `start`."""
+        trip between its read and `start`. An attempt of a task in `here` (one with an
+        attempt on the worker now) is not started: its outcome is None, and the worker
+        reads its entry again, through `start`, once that attempt has ended."""
         k = self.keys
         entries, outcomes = await self._take(
             keys=[
@@ -523,13 +525,17 @@ class TaskStore:
                 f"{time.time():.6f}",
                 EVENTS_MAXLEN,
                 k.task(""),
+                json.dumps(list(here)),
             ],
         )
         return [
             (
                 str(stream_id),
                 dict(zip(flat[::2], flat[1::2], strict=True)),
-                [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in started],
+                [
+                    Outcome(True) if r == 1 else None if r == 0 else Outcome(False, str(r))
+                    for r in started
+                ],
             )
             for (stream_id, flat), started in zip(entries, outcomes, strict=True)
         ]

@@ -412,9 +412,16 @@ class Fleet:
             except (RedisError, OSError) as exc:
                 log.warning("reading events failed: %s; retrying", exc)
                 await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                # Stopping: ack what was handled, or the next orchestrator handles it again.
+                if handled:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.conn.xack(k.events, EVENTS_GROUP, *handled)
+                raise
             except Exception:  # a malformed event must not stop the loop
+                # Its batch stays pending (unacked), as far as it was handled: the next
+                # orchestrator to start claims it again.
                 log.exception("handling events failed")
-                handled = [i for i, _ in entries]  # handled as far as it goes: not again
                 await asyncio.sleep(1.0)
 
     async def _create_events_group(self) -> None:

@@ -375,10 +375,10 @@ class Worker:
             if attempts.reread and start_id == ">":
                 attempts.reread = False
                 start_id = "0"
-            taken: list[tuple[str, dict[str, str], list[Outcome]]] | None = None
+            taken: list[tuple[str, dict[str, str], list[Outcome | None]]] | None = None
             try:
                 if busy and start_id == ">":
-                    taken = await self.store.take(self.id, self.inbox, free)
+                    taken = await self.store.take(self.id, self.inbox, free, list(self.running))
                     entries = [(sid, fields) for sid, fields, _ in taken]
                 else:
                     reply = await self.conn.xreadgroup(
@@ -401,7 +401,14 @@ class Worker:
                     continue  # acked meanwhile
                 # One attempt, or each child of a merged delivery (task merge).
                 for j, delivery in enumerate(Delivery.from_entry(stream_id, fields)):
+                    started = taken[i][2][j] if taken is not None else None
                     current = self.running.get(delivery.task_id)
+                    if taken is not None and started is None:
+                        # take.lua left it alone: an attempt of its task was here when it
+                        # ran (it may have ended since). Read again by id, via start.lua.
+                        attempts.opened(delivery)
+                        attempts.reread = True
+                        continue
                     if current is not None:
                         if current.delivery.stream_id != stream_id:
                             # An attempt of the same task is still ending here (stopped as
@@ -413,8 +420,8 @@ class Worker:
                     attempts.opened(delivery)
                     self.running[delivery.task_id] = Attempt(delivery)
                     batch.append(delivery)
-                    if taken is not None:
-                        outcomes.append(taken[i][2][j])
+                    if started is not None:
+                        outcomes.append(started)
             if start_id != ">" and entries:
                 start_id = entries[-1][0]
             if batch and taken is not None:

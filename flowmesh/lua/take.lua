@@ -5,10 +5,13 @@
 -- KEYS: 1 the worker's inbox stream, 2 status:DISPATCHED, 3 status:RUNNING, 4 events
 --       stream, 5 the worker's task set
 -- ARGV: 1 the inbox's group, 2 worker id (its consumer), 3 count, 4 now, 5 events max
---       length, 6 the task key prefix ('<prefix>task:')
+--       length, 6 the task key prefix ('<prefix>task:'), 7 JSON array of the ids of the
+--       tasks that have an attempt on this worker now
 -- Returns {entries, outcomes}: the entries as XREADGROUP gives them (id, flat field
 -- list), and per entry, per attempt it carries (one, or each child of a merged
--- delivery), 1 (started) or the reason it may not start.
+-- delivery), 1 (started), 0 (not started: its task still has an attempt here, which
+-- must end first; the worker reads the entry again later, by id, through start.lua) or
+-- the reason it may not start.
 --
 -- Only new entries ('>'): a re-read of the worker's own pending entries goes through
 -- XREADGROUP and start.lua, since the worker skips the attempts it is already running
@@ -19,6 +22,8 @@ local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], worker, 'COUNT', ARGV[3
   'STREAMS', KEYS[1], '>')
 if not reply then return {{}, {}} end
 local entries = reply[1][2]
+local here = {}
+for _, id in ipairs(cjson.decode(ARGV[7])) do here[id] = true end
 local outcomes = {}
 for e, entry in ipairs(entries) do
   local flat, f = entry[2], {}
@@ -37,7 +42,9 @@ for e, entry in ipairs(entries) do
     local key = ARGV[6] .. id
     local t = redis.call('HMGET', key, 'status', 'attempts', 'worker_id', 'seq')
     local active = (t[1] == 'DISPATCHED' or t[1] == 'RUNNING')
-    if t[2] ~= attempt or t[3] ~= worker or not active then
+    if here[id] then
+      out[i] = 0
+    elseif t[2] ~= attempt or t[3] ~= worker or not active then
       if t[3] ~= worker or not active then
         redis.call('SREM', KEYS[5], id)
       end

@@ -147,3 +147,50 @@ def test_queue_score_is_stored_at_submit_and_reused_by_every_requeue(redis_url, 
     assert order == [tasks[i].task_id for i in (0, 3, 4, 1, 2)]
     assert outcomes == ["PENDING", str(tasks[0].score), "FAILED"]
     assert rdb.zscore("tasks:pending", tasks[0].task_id) == tasks[0].score
+
+
+def test_take_reads_and_starts_in_one_call_but_leaves_a_task_held_here(redis_url, rdb):
+    """take.lua (a busy worker's read): each new entry's attempt is started as start.lua
+    would, a merged entry's children included; an attempt whose task the worker still holds
+    is left DISPATCHED, to be read again by id; a refused one is reported. Nothing is acked:
+    every entry stays pending until its attempt is settled."""
+    rdb.hset("worker:w", mapping={"status": "idle", "slots": 8, "prefetch": 0})
+    rdb.set("worker:w:heartbeat", "1")
+    rdb.xgroup_create("tasks:inbox:w", "worker", id="0", mkstream=True)
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        conn = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            store = TaskStore(conn, Keys())
+            specs = [TaskSpec.model_validate({"spec": {"taskType": "echo"}}) for _ in range(5)]
+            tasks, _ = await store.submit(specs)
+            ids = [t.task_id for t in tasks]
+            # ids[0] alone; ids[1] and ids[2] merged in one delivery; ids[3] and ids[4] alone.
+            placed = [(ids[0], ""), (ids[1], ids[1]), (ids[2], ids[1]), (ids[3], ""), (ids[4], "")]
+            outcomes = await store.dispatch([(t, "w", "tasks:inbox:w", p) for t, p in placed])
+            assert all(o.ok for o in outcomes)
+            await conn.hset(f"task:{ids[4]}", "status", "CANCELLED")  # cancelled meanwhile
+            taken = await store.take("w", "tasks:inbox:w", 10, here=[ids[3]])
+            got = [
+                "started" if o and o.ok else "held" if o is None else "refused"
+                for _, _, row in taken
+                for o in row
+            ]
+            again = await store.take("w", "tasks:inbox:w", 10, here=[])
+            assert again == []
+            return ids, [f["task_id"] for _, f, _ in taken], got
+        finally:
+            await conn.aclose()
+
+    ids, entry_tasks, got = asyncio.run(scenario())
+    assert entry_tasks == [ids[0], ids[1], ids[3], ids[4]]  # four entries, one merged
+    assert got == ["started", "started", "started", "held", "refused"]
+    status = [rdb.hget(f"task:{t}", "status") for t in ids]
+    assert status == ["RUNNING", "RUNNING", "RUNNING", "DISPATCHED", "CANCELLED"]
+    assert all(rdb.hget(f"task:{t}", "started_at") for t in ids[:3])
+    assert rdb.hget(f"task:{ids[3]}", "started_at") is None
+    started = [f["task_id"] for _, f in rdb.xrange("events") if f["type"] == "task.started"]
+    assert sorted(started) == sorted(ids[:3])
+    assert rdb.zrange("tasks:status:RUNNING", 0, -1) == ids[:3]
+    assert rdb.xpending("tasks:inbox:w", "worker")["pending"] == 4  # none acked
+    assert not rdb.sismember("worker:w:tasks", ids[4])  # the refused one freed its slot
