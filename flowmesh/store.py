@@ -484,13 +484,7 @@ class TaskStore:
         """Mark (task_id, attempt) pairs RUNNING on `worker_id`, in one script call."""
         k = self.keys
         reply = await self._start(
-            keys=[
-                k.tasks_by_status(TaskStatus.DISPATCHED),
-                k.tasks_by_status(TaskStatus.RUNNING),
-                k.events,
-                k.worker_tasks(worker_id),
-                *(k.task(t) for t, _ in attempts),
-            ],
+            keys=[*self._start_keys(worker_id), *(k.task(t) for t, _ in attempts)],
             args=[
                 worker_id,
                 f"{time.time():.6f}",
@@ -499,6 +493,16 @@ class TaskStore:
             ],
         )
         return [Outcome(True) if r == 1 else Outcome(False, str(r)) for r in reply]
+
+    def _start_keys(self, worker_id: str) -> list[str]:
+        """The keys start.lua and take.lua both move an attempt through, in their order."""
+        k = self.keys
+        return [
+            k.tasks_by_status(TaskStatus.DISPATCHED),
+            k.tasks_by_status(TaskStatus.RUNNING),
+            k.events,
+            k.worker_tasks(worker_id),
+        ]
 
     async def take(
         self, worker_id: str, inbox: str, count: int, here: Sequence[str]
@@ -511,13 +515,7 @@ class TaskStore:
         reads its entry again, through `start`, once that attempt has ended."""
         k = self.keys
         entries, outcomes = await self._take(
-            keys=[
-                inbox,
-                k.tasks_by_status(TaskStatus.DISPATCHED),
-                k.tasks_by_status(TaskStatus.RUNNING),
-                k.events,
-                k.worker_tasks(worker_id),
-            ],
+            keys=[inbox, *self._start_keys(worker_id)],
             args=[
                 INBOX_GROUP,
                 worker_id,
