@@ -106,7 +106,7 @@ RULES: dict[FailureKind, Rule] = {
         retried=True,
         immediate=False,
         keeps_outputs=True,
-        meaning="ran past timeoutSec (the worker's timer)",
+        meaning="ran past timeoutSec (the worker's timer, from when the executor begins the task)",
     ),
     FailureKind.WORKER_LOST: Rule(
         charged=True,

@@ -230,14 +230,20 @@ class Attempts:
         result_json = ""
         error: dict[str, Any] | None = None
         wrote = False  # the top-level responses.json is this outcome's
-        timer = None
-        if delivery.timeout:
-            timer = asyncio.get_running_loop().call_later(
-                delivery.timeout,
-                self.stop_soon,
-                r,
-                failure(FailureKind.TIMEOUT, f"ran past timeoutSec={delivery.timeout:g}"),
-            )
+        timer: asyncio.TimerHandle | None = None
+
+        def arm_timeout() -> None:
+            # timeoutSec counts from when the executor begins the task, not while it waits
+            # behind others for room in its child (max_concurrency).
+            nonlocal timer
+            if delivery.timeout and timer is None:
+                timer = asyncio.get_running_loop().call_later(
+                    delivery.timeout,
+                    self.stop_soon,
+                    r,
+                    failure(FailureKind.TIMEOUT, f"ran past timeoutSec={delivery.timeout:g}"),
+                )
+
         log.debug("→ task %s attempt %d %s started", task_id, attempt, task_type)
         try:
             if r.stop_info is not None:  # stopped (drain, cancel) before it could start
@@ -255,7 +261,7 @@ class Attempts:
                 identity=delivery.identity,
                 created_at=delivery.created_at,
             )
-            r.call = asyncio.ensure_future(self.host.run(request, gpus))
+            r.call = asyncio.ensure_future(self.host.run(request, gpus, arm_timeout))
             reply = await r.call
             result_json, wrote = reply.result_json or "", reply.wrote
         except ExecutorFailure as exc:

@@ -86,9 +86,13 @@ class ExecutorProcess:
         on_state: Callable[[], None] | None = None,
         on_progress: Callable[[str, dict[str, Any]], None] | None = None,
         artifacts: ArtifactsConfig | None = None,
+        concurrency: int = 1,
     ):
         self.name = name
         self.artifacts = artifacts
+        # Tasks the child runs at once (its executor's max_concurrency); the rest it was
+        # sent wait in its queue, in the order sent.
+        self.concurrency = concurrency
         self._on_progress = on_progress
         self.log_level = log_level
         self.config = config
@@ -103,6 +107,11 @@ class ExecutorProcess:
         self._conn: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
         self._pending: dict[str, asyncio.Future[Reply]] = {}
+        # The child runs sent tasks first come, first served, up to `concurrency` at once:
+        # those it has room for, and those still waiting (with what to call when they get
+        # room). Worked out here from the replies, so no message per start is needed.
+        self._room: set[str] = set()
+        self._waiting: dict[str, Callable[[], None] | None] = {}
         # Requests not yet sent: everything queued in one event-loop turn goes in one message.
         self._outbox: list[Request] = []
         # Set by the reader thread as soon as the pipe closes (the child is gone), so a
@@ -187,18 +196,42 @@ class ExecutorProcess:
         if self._exit_handled is not None:
             await self._exit_handled.wait()
 
-    async def run(self, request: Request) -> Reply:
-        """Run one task in the (started) child; raises ExecutorFailure with the error."""
+    async def run(self, request: Request, on_start: Callable[[], None] | None = None) -> Reply:
+        """Run one task in the (started) child; raises ExecutorFailure with the error.
+
+        `on_start` is called once the child has room for the task (at once, or when a
+        task sent before it has been answered): when it begins rather than waits."""
         assert self._loop is not None
+        req_id = request.req_id
         future: asyncio.Future[Reply] = self._loop.create_future()
-        self._pending[request.req_id] = future
+        self._pending[req_id] = future
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append(request)
+        if len(self._room) < self.concurrency:
+            self._room.add(req_id)
+            if on_start is not None:
+                on_start()
+        else:
+            self._waiting[req_id] = on_start
         try:
             return await future
         finally:
-            self._pending.pop(request.req_id, None)
+            self._pending.pop(req_id, None)
+            self._answered(req_id)
+
+    def _answered(self, req_id: str) -> None:
+        """The child is done with this task: the next one waiting gets its room."""
+        self._waiting.pop(req_id, None)
+        if req_id not in self._room:
+            return
+        self._room.discard(req_id)
+        while self._waiting and len(self._room) < self.concurrency:
+            next_id, on_start = next(iter(self._waiting.items()))
+            del self._waiting[next_id]
+            self._room.add(next_id)
+            if on_start is not None:
+                on_start()
 
     def _flush(self) -> None:
         batch, self._outbox = self._outbox, []
@@ -286,6 +319,7 @@ class ExecutorProcess:
                     future.set_result(reply)
                 else:
                     future.set_exception(ExecutorFailure(reply.error or {}, wrote=reply.wrote))
+                self._answered(reply.req_id)
 
     def _on_exit(self, proc: BaseProcess) -> None:
         if proc is not self._proc:
@@ -312,6 +346,8 @@ class ExecutorProcess:
         self._conn = None
         self._ready = None
         self._outbox = []
+        self._room.clear()  # its tasks have all failed: none waits for room any more
+        self._waiting.clear()
         self._loads_before += _loads(self.health)
         self.health = {}
         if self._exit_handled is not None:
@@ -367,6 +403,7 @@ class ExecutorHost:
                     on_state=on_change,
                     on_progress=on_progress,
                     artifacts=artifacts,
+                    concurrency=cls.max_concurrency,
                 )
 
     def start(self) -> None:
@@ -427,14 +464,24 @@ class ExecutorHost:
         if not self.isolated(name):
             self.procs[name].check_ready()
 
-    async def run(self, request: Request, gpus: tuple[Gpu, ...]) -> Reply:
-        """Run one task in its executor's child; raises ExecutorFailure."""
+    async def run(
+        self,
+        request: Request,
+        gpus: tuple[Gpu, ...],
+        on_start: Callable[[], None] | None = None,
+    ) -> Reply:
+        """Run one task in its executor's child; raises ExecutorFailure. `on_start` is
+        called when the task begins: when its shared child has room for it (tasks beyond
+        the executor's max_concurrency wait their turn there), or before a child of its
+        own starts (its setup counts as the task's)."""
         name = request.task_type
         self.check_ready(name)
         if not self.isolated(name):
             proc = self.procs[name]
             ordinals = tuple(self.gpus.index(g) for g in gpus)
-            return await proc.run(_with_devices(request, ordinals))
+            return await proc.run(_with_devices(request, ordinals), on_start)
+        if on_start is not None:
+            on_start()
         config = ExecutorConfig(
             self.worker_id, tuple(range(len(gpus))), max_warm_models=self.max_warm_models
         )

@@ -324,6 +324,37 @@ def test_cancelling_a_task_that_waits_its_turn_in_the_process_kills_nothing(
     assert "killed on purpose" not in worker.log()
 
 
+def test_a_tasks_timeout_counts_from_when_its_process_begins_it_not_while_it_waits_its_turn(
+    orchestrator, start_worker, plugin
+):
+    """Three tasks reach a one-at-a-time executor together. Each may run 3 s; the second
+    waits ~2 s for the first, then runs 2 s: it must not time out. The third overruns its
+    own 3 s once begun and does."""
+    start_worker("w1", WORKER_EXECUTORS="serial", WORKER_SLOTS="3", PYTHONPATH=plugin)
+
+    def serial(value: int, hold: float) -> dict:
+        return {
+            "spec": {
+                "taskType": "serial",
+                "serial": {"value": value, "holdSec": hold},
+                "timeoutSec": 3,
+                "maxAttempts": 1,
+            }
+        }
+
+    first, second, third = orchestrator.submit(serial(1, 2), serial(2, 2), serial(3, 30))
+    for task_id in (first, second, third):
+        orchestrator.wait(task_id, ("RUNNING", "DONE", "FAILED"))  # all three in the process
+    assert orchestrator.wait(first)["status"] == "DONE"
+    done = orchestrator.wait(second)
+    assert done["status"] == "DONE", done
+    assert done["result"]["value"] == 2
+    assert done["finished_at"] - done["started_at"] > 3  # it did wait its turn
+    overran = orchestrator.wait(third, timeout=40)
+    assert overran["status"] == "FAILED" and overran["error"]["kind"] == "timeout", overran
+    assert overran["finished_at"] - overran["started_at"] > 4  # its clock began after second
+
+
 def test_the_api_shows_a_traceback_without_the_workers_paths_and_the_log_has_it_whole(
     orchestrator, start_worker, plugin
 ):
