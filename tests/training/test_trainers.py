@@ -13,6 +13,10 @@ pytest.importorskip("peft", reason="needs the training extra: uv sync --extra tr
 
 from tests.training.conftest import DPO_ITEMS, FAST, PROMPTS, SFT_ITEMS, MakeRun, Run
 
+# Training: up to ~1 min a test alone, about twice that beside another test file
+# (CI runs two at once, pytest -n 2); the suite-wide 120 s would cut them off.
+pytestmark = pytest.mark.timeout(300)
+
 
 def _weights(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
