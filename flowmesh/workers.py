@@ -216,6 +216,7 @@ class WorkerRecord:
             "current_tasks": self.current_tasks,
             "loaded_models": self.loaded_models,
             "loading_models": self.loading_models,
+            "model_loads": self.model_loads,
             "engines": self.engines,
             "devices": self.devices,
             "load": self.load,

@@ -140,3 +140,5 @@ def test_model_loads_are_counted_per_worker_and_executor(orchestrator, start_wor
     assert [t["result"]["warm"] for t in tasks] == [False, True]
     key = ("flowmesh_model_loads_total", (("executor", "inference"), ("worker", "w1")))
     wait_until(lambda: scrape(orchestrator).get(key) == 1, timeout=30, what="one model load")
+    (row,) = orchestrator.http.get("/api/v1/workers").json()["workers"]
+    assert row["model_loads"]["inference"] == 1
