@@ -25,6 +25,11 @@ from flowmesh.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# For test files that train (`pytestmark = TRAINING_TIMEOUT`): up to ~1 min a test alone,
+# about twice that beside another test file (CI runs two at once, pytest -n 2); the
+# suite-wide 120 s would cut them off.
+TRAINING_TIMEOUT = pytest.mark.timeout(300)
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:

@@ -11,12 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Orchestrator, Proc
+from tests.conftest import ROOT, TRAINING_TIMEOUT, Orchestrator, Proc
 from tests.e2e.test_pipelines import stage, submit, wait_pipeline
 
-# Training: up to ~1 min a test alone, about twice that beside another test file
-# (CI runs two at once, pytest -n 2); the suite-wide 120 s would cut them off.
-pytestmark = pytest.mark.timeout(300)
+pytestmark = TRAINING_TIMEOUT
 TEMPLATES = ROOT / "templates"
 API_TOKEN = "api-secret-token"
 WORKER_TOKEN = "worker-secret-token"

@@ -18,14 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Orchestrator, Proc, wait_until
+from tests.conftest import TRAINING_TIMEOUT, Orchestrator, Proc, wait_until
 
 pytest.importorskip("trl", reason="needs the training extra: uv sync --extra training")
 pytest.importorskip("peft", reason="needs the training extra: uv sync --extra training")
 
-# Training: up to ~1 min a test alone, about twice that beside another test file
-# (CI runs two at once, pytest -n 2); the suite-wide 120 s would cut them off.
-pytestmark = pytest.mark.timeout(300)
+pytestmark = TRAINING_TIMEOUT
 API_TOKEN = "api-secret-token"
 WORKER_TOKEN = "worker-secret-token"
 

@@ -13,11 +13,10 @@ pytest.importorskip("trl", reason="needs the training extra: uv sync --extra tra
 
 from executors.base import PermanentError
 from executors.trl.runner import TrainingStopped
+from tests.conftest import TRAINING_TIMEOUT
 from tests.training.conftest import DPO_ITEMS, FAST, SFT_ITEMS, MakeRun, Run
 
-# Training: up to ~1 min a test alone, about twice that beside another test file
-# (CI runs two at once, pytest -n 2); the suite-wide 120 s would cut them off.
-pytestmark = pytest.mark.timeout(300)
+pytestmark = TRAINING_TIMEOUT
 
 
 def _trainers() -> list[psutil.Process]:

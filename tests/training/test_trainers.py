@@ -11,11 +11,10 @@ import pytest
 pytest.importorskip("trl", reason="needs the training extra: uv sync --extra training")
 pytest.importorskip("peft", reason="needs the training extra: uv sync --extra training")
 
+from tests.conftest import TRAINING_TIMEOUT
 from tests.training.conftest import DPO_ITEMS, FAST, PROMPTS, SFT_ITEMS, MakeRun, Run
 
-# Training: up to ~1 min a test alone, about twice that beside another test file
-# (CI runs two at once, pytest -n 2); the suite-wide 120 s would cut them off.
-pytestmark = pytest.mark.timeout(300)
+pytestmark = TRAINING_TIMEOUT
 
 
 def _weights(path: Path) -> dict[str, Any]:
