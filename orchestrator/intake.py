@@ -11,6 +11,7 @@ from typing import Any
 
 from executors.base import Executor
 from executors.registry import entry_points_by_name, load
+from flowmesh import workers
 from flowmesh.spec import INFERENCE_EXECUTORS, TaskSpec, executor_name
 from orchestrator.documents import validate
 from orchestrator.fleet import Fleet
@@ -67,14 +68,29 @@ def settle_engine(f: Fleet) -> Callable[[TaskSpec], TaskSpec]:
     return settle
 
 
-def checker(f: Fleet, max_batch: int) -> Callable[[list[Any]], list[TaskSpec]]:
+async def registered_types(f: Fleet) -> set[str]:
+    """The executors offered by the workers whose heartbeat is alive in Redis now, read
+    there rather than from the scheduler's view: a worker that registered since placement
+    last read the fleet counts too."""
+    return {
+        name
+        for record, pttl, _ in await workers.read_all(f.conn, f.keys)
+        if pttl > 0
+        for name in record.executors
+    }
+
+
+def checker(
+    f: Fleet, max_batch: int, also_offered: frozenset[str] | set[str] = frozenset()
+) -> Callable[[list[Any]], list[TaskSpec]]:
     """A check of decoded documents against the fleet as it is now: each document as a
     task spec ready to store (its engine settled), or SpecError. What it needs of the
-    fleet is read here, so the check itself may run on another thread."""
+    fleet is read here, so the check itself may run on another thread. `also_offered`:
+    task types to accept beyond those (see `registered_types`)."""
     return functools.partial(
         validate,
         max_batch=max_batch,
-        available_types=available_types(f),
+        available_types=available_types(f) | also_offered,
         executor_of=executor_class,
         resolve=settle_engine(f),
     )
