@@ -350,11 +350,17 @@ class PipelineRunner:
             return
         try:
             specs = intake.check(self.fleet, docs, MAX_ITEMS)
-        except SpecError as exc:
-            await self._end(
-                row, name, StageState.FAILED, f"its spec, once resolved, is not valid: {exc}"
-            )
-            return
+        except SpecError:
+            # Again against the live workers in Redis: one that registered since placement
+            # last read the fleet may offer the stage's type (intake.registered_types).
+            offered = await intake.registered_types(self.fleet)
+            try:
+                specs = intake.checker(self.fleet, MAX_ITEMS, offered)(docs)
+            except SpecError as exc:
+                await self._end(
+                    row, name, StageState.FAILED, f"its spec, once resolved, is not valid: {exc}"
+                )
+                return
         task_ids = tuple(uuid.uuid4().hex for _ in specs)
         record = StageRecord(
             state=StageState.RUNNING,
