@@ -199,7 +199,9 @@ def start_orchestrator(redis_url: str, tmp_path: Path) -> Iterator[Callable[...,
             except httpx.HTTPError:
                 return False
 
-        wait_until(healthy, timeout=30, what="orchestrator /healthz")
+        # 60 s, not 30: in CI the vLLM suite starts its engines beside this one on two
+        # cores, and one orchestrator once took over 30 s to import and bind there.
+        wait_until(healthy, timeout=60, what="orchestrator /healthz")
         return orch
 
     yield start
