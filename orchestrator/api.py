@@ -62,15 +62,9 @@ async def submit_tasks(request: Request) -> Any:
     if any(is_pipeline(doc) for doc in docs):
         return await submit_pipeline(request, docs, key, run)
     try:
-        specs = await run(intake.checker(f, settings.max_batch), docs)
-    except SpecError:
-        # Checked again against the workers registered in Redis now: one that registered
-        # since placement last read the fleet may offer a type the first check refused.
-        offered = await intake.registered_types(f)
-        try:
-            specs = await run(intake.checker(f, settings.max_batch, offered), docs)
-        except SpecError as exc:
-            return spec_error(exc)
+        specs = await intake.checked(f, settings.max_batch, lambda check: run(check, docs))
+    except SpecError as exc:
+        return spec_error(exc)
     tasks, existing = await f.submit(specs, key, intake.merge_keys_of(specs))
     if existing is not None:
         # Seen before: the first request's tasks as they are now; nothing new is stored.

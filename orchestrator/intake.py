@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from executors.base import Executor
 from executors.registry import entry_points_by_name, load
 from flowmesh import workers
-from flowmesh.spec import INFERENCE_EXECUTORS, TaskSpec, executor_name
+from flowmesh.spec import INFERENCE_EXECUTORS, SpecError, TaskSpec, executor_name
 from orchestrator.documents import validate
 from orchestrator.fleet import Fleet
 from orchestrator.merge import MergeKeys, merge_keys
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 VLLM_EXECUTOR = INFERENCE_EXECUTORS["vllm"]
 
 
@@ -96,8 +97,19 @@ def checker(
     )
 
 
-def check(f: Fleet, documents: list[Any], max_batch: int) -> list[TaskSpec]:
-    return checker(f, max_batch)(documents)
+async def checked(
+    f: Fleet,
+    max_batch: int,
+    attempt: Callable[[Callable[[list[Any]], list[TaskSpec]]], Awaitable[T]],
+) -> T:
+    """`attempt(check)`; if it raises SpecError, once more with the task types of the
+    workers live in Redis now (`registered_types`), since the scheduler's view lags a
+    worker that has just registered. The second SpecError is the caller's to report.
+    The hot path (a valid spec) reads nothing more than the view."""
+    try:
+        return await attempt(checker(f, max_batch))
+    except SpecError:
+        return await attempt(checker(f, max_batch, await registered_types(f)))
 
 
 def merge_keys_of(specs: list[TaskSpec]) -> list[MergeKeys]:

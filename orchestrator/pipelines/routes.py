@@ -43,24 +43,14 @@ async def submit_pipeline(request: Request, docs: list[Any], key: str | None, ru
         )
     r = runner(request)
     try:
-        plan = await run(
-            plan_pipeline,
-            docs[0],
-            check=intake.checker(r.fleet, MAX_ITEMS),  # reads the fleet here, on the loop
-            result_fields=result_fields,
+        # the checker reads the fleet here, on the loop; `run` may plan on a thread
+        plan = await intake.checked(
+            r.fleet,
+            MAX_ITEMS,
+            lambda check: run(plan_pipeline, docs[0], check=check, result_fields=result_fields),
         )
-    except SpecError:
-        # Again against the live workers in Redis, as POST /tasks does (intake.registered_types)
-        offered = await intake.registered_types(r.fleet)
-        try:
-            plan = await run(
-                plan_pipeline,
-                docs[0],
-                check=intake.checker(r.fleet, MAX_ITEMS, offered),
-                result_fields=result_fields,
-            )
-        except SpecError as exc:
-            return spec_error(exc)
+    except SpecError as exc:
+        return spec_error(exc)
     pipeline_id, created = await r.submit(plan, key)
     row = await r.store.get(pipeline_id)
     if row is None:  # a replayed key whose pipeline has been deleted since

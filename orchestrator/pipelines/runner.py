@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -38,7 +38,7 @@ from flowmesh.pipeline_store import (
     StageRecord,
     StageState,
 )
-from flowmesh.spec import SpecError
+from flowmesh.spec import SpecError, TaskSpec
 from flowmesh.status import TaskStatus
 from flowmesh.store import StageNotReleased, StageRelease
 from orchestrator import intake
@@ -348,19 +348,17 @@ class PipelineRunner:
             )
             await self._set(row, name, StageState.WAITING, new)
             return
+
+        async def check_here(check: Callable[[list[Any]], list[TaskSpec]]) -> list[TaskSpec]:
+            return check(docs)
+
         try:
-            specs = intake.check(self.fleet, docs, MAX_ITEMS)
-        except SpecError:
-            # Again against the live workers in Redis: one that registered since placement
-            # last read the fleet may offer the stage's type (intake.registered_types).
-            offered = await intake.registered_types(self.fleet)
-            try:
-                specs = intake.checker(self.fleet, MAX_ITEMS, offered)(docs)
-            except SpecError as exc:
-                await self._end(
-                    row, name, StageState.FAILED, f"its spec, once resolved, is not valid: {exc}"
-                )
-                return
+            specs = await intake.checked(self.fleet, MAX_ITEMS, check_here)
+        except SpecError as exc:
+            await self._end(
+                row, name, StageState.FAILED, f"its spec, once resolved, is not valid: {exc}"
+            )
+            return
         task_ids = tuple(uuid.uuid4().hex for _ in specs)
         record = StageRecord(
             state=StageState.RUNNING,
